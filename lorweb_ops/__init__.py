@@ -1,0 +1,21 @@
+"""LoRWeB as a plain library: basis file -> analogy query -> per-module coefficients -> low-rank patches.
+
+No ComfyUI import anywhere in this package; the nodes in ``nodes/`` adapt ComfyUI types to these functions.
+"""
+
+from .analogy import Analogy, check_analogy_fits, combine_embeddings, encode_analogy, encoder_images
+from .basis import LoraBasis, ModuleBasis, clear_basis_cache, load_basis
+from .config import RELEASED_SETTINGS, BasisSettings, resolve_settings
+from .errors import LoRWeBError
+from .flux_map import FluxTarget, flux_target, released_module_names
+from .images import build_grid, clip_pixel_values, crop_result, grid_quadrants, reference_quadrants
+from .mixing import MixWeights, delta_weight, lowrank_factors, mixing_coefficients
+from .patches import ModulePatch, composed_patches, flux_delta, module_targets
+
+__all__ = [
+    "Analogy", "BasisSettings", "FluxTarget", "LoRWeBError", "LoraBasis", "MixWeights", "ModuleBasis", "ModulePatch",
+    "RELEASED_SETTINGS", "build_grid", "check_analogy_fits", "clear_basis_cache", "clip_pixel_values",
+    "combine_embeddings", "composed_patches", "crop_result", "delta_weight", "encode_analogy", "encoder_images",
+    "flux_delta", "flux_target", "grid_quadrants", "load_basis", "lowrank_factors", "mixing_coefficients",
+    "module_targets", "reference_quadrants", "released_module_names", "resolve_settings",
+]

@@ -1,0 +1,277 @@
+"""Load and validate a LoRWeB basis file (ai-toolkit ``attlora`` checkpoint, safetensors only).
+
+On disk, for every adapted module ``<M>`` (diffusers Flux name):
+``transformer.<M>.lora_A [K, in, r]``, ``.lora_B [K, r, out]``, ``.lora_keys [K, keys_dim]`` and
+``.att_lora_to_q.weight [keys_dim, query_dim]`` (absent when ``query_projection_type`` is ``none``).
+Tensors stay in the file's dtype; loaded files are cached by real path, mtime and size.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .config import BasisSettings, resolve_settings
+from .errors import LoRWeBError
+from .flux_map import is_flux_module
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_PARTS = {"lora_A": "lora_A", "lora_B": "lora_B", "lora_keys": "lora_keys", "att_lora_to_q.weight": "to_q"}
+_ORDINARY_LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_down.weight", ".lora_up.weight", ".alpha")
+
+
+@dataclass(frozen=True)
+class ModuleBasis:
+    """The K basis LoRAs of one module, as stored (file dtype)."""
+
+    lora_A: torch.Tensor            # [K, in, r]
+    lora_B: torch.Tensor            # [K, r, out]
+    lora_keys: torch.Tensor         # [K, keys_dim]
+    to_q: torch.Tensor | None       # [keys_dim, query_dim], None without a query projection
+
+    @property
+    def in_features(self) -> int:
+        return self.lora_A.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.lora_B.shape[2]
+
+
+@dataclass(frozen=True)
+class LoraBasis:
+    """A loaded LoRWeB basis. Immutable and shared: never modify its tensors."""
+
+    path: str
+    modules: tuple[str, ...]        # diffusers names without the "transformer." prefix, file order
+    num_loras: int
+    rank: int
+    keys_dim: int
+    query_dim: int
+    dtype: torch.dtype
+    settings: BasisSettings
+    settings_source: str
+    metadata: Mapping[str, str] = field(repr=False)
+    weights: Mapping[str, ModuleBasis] = field(repr=False)
+
+    def module(self, name: str) -> ModuleBasis:
+        try:
+            return self.weights[name]
+        except KeyError:
+            raise LoRWeBError(f"the basis has no module {name!r}") from None
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(t.numel() for m in self.weights.values() for t in (m.lora_A, m.lora_B, m.lora_keys, m.to_q)
+                   if t is not None)
+
+    def with_settings(self, settings: BasisSettings, source: str) -> LoraBasis:
+        """The same tensors under other mixing settings (checked against the shapes)."""
+        _check_settings_fit(settings, self.keys_dim, self.weights, self.path)
+        return replace(self, settings=settings, settings_source=source)
+
+
+@dataclass(frozen=True)
+class _LoadedFile:
+    weights: Mapping[str, ModuleBasis]
+    metadata: Mapping[str, str]
+
+
+_CACHE: OrderedDict[tuple, _LoadedFile] = OrderedDict()
+_CACHE_LOCK = threading.Lock()
+CACHE_SIZE = 2  # the released basis is ~1.7 GB; keep the current one and the previous one
+
+
+def load_basis(path: str | os.PathLike, config: Any = None, *, use_cache: bool = True) -> LoraBasis:
+    """Load a LoRWeB basis and resolve its mixing settings.
+
+    ``config``: None (``<stem>.yaml`` or ``config.yaml`` beside the file, else the released values), the path
+    of an ai-toolkit yaml, or a mapping of ``network_kwargs``. Raises :class:`LoRWeBError` for any bad input.
+    """
+    path = os.fspath(path)
+    loaded = _load_file_cached(path) if use_cache else _read_basis_file(path)
+    settings, source = resolve_settings(config, path)
+    first = next(iter(loaded.weights.values()))
+    keys_dim = first.lora_keys.shape[1]
+    _check_settings_fit(settings, keys_dim, loaded.weights, path)
+    return LoraBasis(
+        path=os.path.realpath(path),
+        modules=tuple(loaded.weights),
+        num_loras=first.lora_A.shape[0],
+        rank=first.lora_A.shape[2],
+        keys_dim=keys_dim,
+        query_dim=keys_dim if first.to_q is None else first.to_q.shape[1],
+        dtype=first.lora_A.dtype,
+        settings=settings,
+        settings_source=source,
+        metadata=loaded.metadata,
+        weights=loaded.weights,
+    )
+
+
+def clear_basis_cache() -> None:
+    with _CACHE_LOCK:
+        _CACHE.clear()
+
+
+def _file_identity(path: str) -> tuple:
+    real = os.path.realpath(path)
+    try:
+        stat = os.stat(real)
+    except FileNotFoundError:
+        raise LoRWeBError(f"LoRWeB basis file not found: {path}") from None
+    return real, stat.st_mtime_ns, stat.st_size
+
+
+def _load_file_cached(path: str) -> _LoadedFile:
+    identity = _file_identity(path)
+    with _CACHE_LOCK:
+        if identity in _CACHE:
+            _CACHE.move_to_end(identity)
+            return _CACHE[identity]
+    loaded = _read_basis_file(path)
+    with _CACHE_LOCK:
+        _CACHE[identity] = loaded
+        while len(_CACHE) > CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    return loaded
+
+
+def _read_basis_file(path: str) -> _LoadedFile:
+    _file_identity(path)
+    if not path.lower().endswith(".safetensors"):
+        raise LoRWeBError(
+            f"{os.path.basename(path)} is not a .safetensors file. Only safetensors bases are loaded "
+            "(pickled .pt/.ckpt/.bin files can run code); use the released lorweb .safetensors file."
+        )
+    try:
+        with safe_open(path, framework="pt", device="cpu") as handle:
+            metadata = dict(handle.metadata() or {})
+            names = list(handle.keys())
+            grouped = _group_keys(names, path)
+            tensors = {key: handle.get_tensor(key) for key in names}
+    except (SafetensorError, OSError, RuntimeError) as error:
+        raise LoRWeBError(
+            f"{os.path.basename(path)} could not be read as safetensors ({error}). The file is damaged or "
+            "incomplete: download the LoRWeB basis again."
+        ) from None
+    weights = {module: _module_basis(module, parts, tensors, path) for module, parts in grouped.items()}
+    _check_consistent(weights, path)
+    return _LoadedFile(MappingProxyType(weights), MappingProxyType(metadata))
+
+
+def _group_keys(names: list[str], path: str) -> dict[str, dict[str, str]]:
+    """Group tensor names by module: ``{module: {part: tensor name}}``, refusing anything else."""
+    file = os.path.basename(path)
+    if any(name.endswith(_ORDINARY_LORA_SUFFIXES) for name in names):
+        raise LoRWeBError(
+            f"{file} is an ordinary LoRA (it has lora_A.weight / lora_down.weight / alpha keys), not a LoRWeB "
+            "basis. Load it with ComfyUI's LoraLoaderModelOnly; this node needs the LoRWeB basis file."
+        )
+    grouped: dict[str, dict[str, str]] = {}
+    unknown = []
+    for name in names:
+        stripped = name[len("transformer."):] if name.startswith("transformer.") else name
+        part = next((p for p in _PARTS if stripped.endswith("." + p)), None)
+        module = stripped[: -len(part) - 1] if part else None
+        if part is None or not is_flux_module(module):
+            unknown.append(name)
+            continue
+        grouped.setdefault(module, {})[_PARTS[part]] = name
+    if not grouped:
+        raise LoRWeBError(
+            f"{file} is not a LoRWeB basis: it has no transformer.<module>.lora_A / lora_B / lora_keys tensors "
+            f"for Flux blocks ({len(names)} tensors, e.g. {names[:3]}). Use the released LoRWeB basis file."
+        )
+    if unknown:
+        raise LoRWeBError(
+            f"{file} has {len(unknown)} tensors that are not part of a LoRWeB basis for Flux blocks, "
+            f"e.g. {unknown[:3]}. Use an unmodified LoRWeB checkpoint."
+        )
+    return grouped
+
+
+def _module_basis(module: str, parts: dict[str, str], tensors: dict, path: str) -> ModuleBasis:
+    missing = [p for p in ("lora_A", "lora_B", "lora_keys") if p not in parts]
+    if missing:
+        raise LoRWeBError(
+            f"{os.path.basename(path)}: module {module} lacks {', '.join(missing)}; the basis is incomplete. "
+            "Download the LoRWeB basis again."
+        )
+    values = {part: tensors[name] for part, name in parts.items()}
+    for part, tensor in values.items():
+        _check_tensor(module, part, tensor, path)
+    return ModuleBasis(values["lora_A"], values["lora_B"], values["lora_keys"], values.get("to_q"))
+
+
+def _check_tensor(module: str, part: str, tensor: torch.Tensor, path: str) -> None:
+    file = os.path.basename(path)
+    expected_ndim = 3 if part in ("lora_A", "lora_B") else 2
+    if tensor.ndim != expected_ndim:
+        raise LoRWeBError(
+            f"{file}: {module}.{part} has shape {list(tensor.shape)}, expected {expected_ndim} dimensions. "
+            "This is not a LoRWeB basis in the ai-toolkit attlora layout."
+        )
+    if tensor.dtype not in SUPPORTED_DTYPES:
+        raise LoRWeBError(
+            f"{file}: {module}.{part} is {tensor.dtype}; a basis must be float16, bfloat16 or float32."
+        )
+    if not torch.isfinite(tensor).all():
+        raise LoRWeBError(
+            f"{file}: {module}.{part} contains NaN or Inf values; the basis is corrupted. Download it again."
+        )
+
+
+def _check_consistent(weights: Mapping[str, ModuleBasis], path: str) -> None:
+    """Every module must share K, rank, keys size and query size, and its tensors must agree."""
+    file = os.path.basename(path)
+    first_name, first = next(iter(weights.items()))
+    expected = _signature(first)
+    for module, basis in weights.items():
+        a, b, keys, to_q = basis.lora_A, basis.lora_B, basis.lora_keys, basis.to_q
+        if not (a.shape[0] == b.shape[0] == keys.shape[0]) or a.shape[2] != b.shape[1]:
+            raise LoRWeBError(
+                f"{file}: {module} has inconsistent shapes (lora_A {list(a.shape)}, lora_B {list(b.shape)}, "
+                f"lora_keys {list(keys.shape)}); expected lora_A [K, in, r], lora_B [K, r, out], lora_keys [K, d]."
+            )
+        if to_q is not None and to_q.shape[0] != keys.shape[1]:
+            raise LoRWeBError(
+                f"{file}: {module} projects the query to {to_q.shape[0]} values but its keys have "
+                f"{keys.shape[1]}; the basis is inconsistent."
+            )
+        if _signature(basis) != expected:
+            raise LoRWeBError(
+                f"{file}: {module} has (K, rank, keys size, query size) = {_signature(basis)} but {first_name} has "
+                f"{expected}; every module of a basis must agree."
+            )
+        if len({t.dtype for t in (a, b, keys, to_q) if t is not None}) != 1 or a.dtype != first.lora_A.dtype:
+            raise LoRWeBError(f"{file}: {module} mixes dtypes; every tensor of a basis must share one dtype.")
+
+
+def _signature(basis: ModuleBasis) -> tuple:
+    query = None if basis.to_q is None else basis.to_q.shape[1]
+    return basis.lora_A.shape[0], basis.lora_A.shape[2], basis.lora_keys.shape[1], query
+
+
+def _check_settings_fit(settings: BasisSettings, keys_dim: int, weights: Mapping[str, ModuleBasis],
+                        path: str) -> None:
+    file = os.path.basename(path)
+    has_projection = next(iter(weights.values())).to_q is not None
+    if keys_dim % settings.lora_heads:
+        raise LoRWeBError(
+            f"{file}: lora_heads {settings.lora_heads} does not divide the key size {keys_dim}. "
+            "Check the config: the released model uses lora_heads 1."
+        )
+    if has_projection != (settings.query_projection_type == "linear"):
+        raise LoRWeBError(
+            f"{file}: the config says query_projection_type {settings.query_projection_type!r} but the file "
+            f"{'has' if has_projection else 'has no'} att_lora_to_q projections. Use the config saved with this basis."
+        )

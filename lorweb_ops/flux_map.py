@@ -1,0 +1,90 @@
+"""Where each LoRWeB module (diffusers Flux name) lives in a ComfyUI / BFL Flux model.
+
+diffusers keeps q, k, v (and the single blocks' MLP input) as separate Linears; BFL and ComfyUI fuse
+them along the output rows. Input columns never need permuting, so a module maps to a row range of
+one BFL weight. Row starts are multiples of the hidden size, which is every module's input width.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .errors import LoRWeBError
+
+# diffusers module suffix -> (BFL layer inside the block, row slot in a fused weight or None for the whole weight)
+DOUBLE_BLOCK_LAYERS: dict[str, tuple[str, int | None]] = {
+    "norm1.linear": ("img_mod.lin", None),
+    "norm1_context.linear": ("txt_mod.lin", None),
+    "attn.to_q": ("img_attn.qkv", 0),
+    "attn.to_k": ("img_attn.qkv", 1),
+    "attn.to_v": ("img_attn.qkv", 2),
+    "attn.add_q_proj": ("txt_attn.qkv", 0),
+    "attn.add_k_proj": ("txt_attn.qkv", 1),
+    "attn.add_v_proj": ("txt_attn.qkv", 2),
+    "attn.to_out.0": ("img_attn.proj", None),
+    "attn.to_add_out": ("txt_attn.proj", None),
+    "ff.net.0.proj": ("img_mlp.0", None),
+    "ff.net.2": ("img_mlp.2", None),
+    "ff_context.net.0.proj": ("txt_mlp.0", None),
+    "ff_context.net.2": ("txt_mlp.2", None),
+}
+SINGLE_BLOCK_LAYERS: dict[str, tuple[str, int | None]] = {
+    "norm.linear": ("modulation.lin", None),
+    "attn.to_q": ("linear1", 0),
+    "attn.to_k": ("linear1", 1),
+    "attn.to_v": ("linear1", 2),
+    "proj_mlp": ("linear1", 3),  # rows [3H, 3H + MLP): after q, k, v
+    "proj_out": ("linear2", None),
+}
+_BLOCKS = {
+    "transformer_blocks": ("double_blocks", DOUBLE_BLOCK_LAYERS),
+    "single_transformer_blocks": ("single_blocks", SINGLE_BLOCK_LAYERS),
+}
+_MODULE_NAME = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$")
+
+#: The released model adapts every Linear of the 19 double and 38 single Flux blocks.
+FLUX_DEPTH, FLUX_SINGLE_DEPTH = 19, 38
+
+
+@dataclass(frozen=True)
+class FluxTarget:
+    """One module's place in the BFL model: weight name (no prefix/suffix) and the rows it covers."""
+
+    module: str
+    bfl_layer: str      # e.g. "double_blocks.0.img_attn.qkv"
+    row_start: int
+    row_count: int
+    fused: bool         # True when the layer holds other modules' rows too
+
+    @property
+    def model_key(self) -> str:
+        """The ComfyUI state-dict key of the weight."""
+        return f"diffusion_model.{self.bfl_layer}.weight"
+
+
+def is_flux_module(name: str) -> bool:
+    match = _MODULE_NAME.match(name)
+    return bool(match) and match.group(3) in _BLOCKS[match.group(1)][1]
+
+
+def flux_target(module: str, in_features: int, out_features: int) -> FluxTarget:
+    """Map a diffusers module name and its shape to its BFL weight and row range."""
+    match = _MODULE_NAME.match(module)
+    if not match or match.group(3) not in _BLOCKS[match.group(1)][1]:
+        raise LoRWeBError(
+            f"{module!r} is not a Linear inside a Flux transformer block; a LoRWeB basis for FLUX.1 Kontext "
+            "adapts only transformer_blocks.N.* and single_transformer_blocks.N.* Linears."
+        )
+    block_kind, index, layer = match.groups()
+    bfl_block, layers = _BLOCKS[block_kind]
+    bfl_layer, slot = layers[layer]
+    row_start = 0 if slot is None else slot * in_features
+    return FluxTarget(module, f"{bfl_block}.{index}.{bfl_layer}", row_start, out_features, slot is not None)
+
+
+def released_module_names(depth: int = FLUX_DEPTH, single_depth: int = FLUX_SINGLE_DEPTH) -> list[str]:
+    """The 494 module names of the released basis, in block order."""
+    names = [f"transformer_blocks.{i}.{layer}" for i in range(depth) for layer in DOUBLE_BLOCK_LAYERS]
+    names += [f"single_transformer_blocks.{i}.{layer}" for i in range(single_depth) for layer in SINGLE_BLOCK_LAYERS]
+    return names
