@@ -155,7 +155,8 @@ def _read_basis_file(path: str) -> _LoadedFile:
     try:
         with safe_open(path, framework="pt", device="cpu") as handle:
             metadata = dict(handle.metadata() or {})
-            names = list(handle.keys())
+            # offset_keys(): the order the tensors are stored in (newer safetensors); keys() is sorted by name
+            names = list(handle.offset_keys() if hasattr(handle, "offset_keys") else handle.keys())
             grouped = _group_keys(names, path)
             tensors = {key: handle.get_tensor(key) for key in names}
     except (SafetensorError, OSError, RuntimeError) as error:

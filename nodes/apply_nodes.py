@@ -1,0 +1,55 @@
+"""Apply Weighted LoRA Basis: the analogy's per-layer mix of the basis as low-rank patches on a cloned MODEL."""
+
+from __future__ import annotations
+
+import math
+
+from comfy_api.latest import io
+
+from ..lorweb_ops import MixWeights, check_analogy_fits, composed_patches, mixing_coefficients
+from .patching import check_model_fits, patched_clone
+from .types import CATEGORY, Analogy, Basis, Weights
+
+STRENGTH_LIMIT = 10.0
+
+
+class ApplyBasis(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LoRWeB_ApplyBasis",
+            display_name="Apply Weighted LoRA Basis",
+            category=CATEGORY,
+            description="Mixes the basis LoRAs per layer with the weights the analogy asks for and patches a copy "
+                        "of the Flux Kontext MODEL (low-rank, through ComfyUI's own LoRA patching).",
+            inputs=[
+                io.Model.Input("model", tooltip="The FLUX.1 Kontext [dev] model (UNETLoader, any precision)."),
+                Basis.Input("basis", tooltip="From Load LoRA Basis."),
+                Analogy.Input("analogy", tooltip="From Encode Analogy Pair."),
+                io.Float.Input("strength", default=1.0, min=-STRENGTH_LIMIT, max=STRENGTH_LIMIT, step=0.01,
+                               tooltip="Scale of the composed LoRA. 1.0 is what LoRWeB was trained with; "
+                                       "0 returns the model unchanged."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="model", tooltip="A patched copy; the input model is untouched."),
+                Weights.Output(display_name="weights",
+                               tooltip="The per-layer coefficients that were applied (for charts, export, blends)."),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, strength: float) -> bool | str:
+        if not isinstance(strength, (int, float)) or not math.isfinite(strength) or abs(strength) > STRENGTH_LIMIT:
+            return f"strength must be a number between -{STRENGTH_LIMIT:g} and {STRENGTH_LIMIT:g}, got {strength!r}."
+        return True
+
+    @classmethod
+    def execute(cls, model, basis, analogy, strength: float) -> io.NodeOutput:
+        check_analogy_fits(analogy, basis.settings, basis.query_dim)
+        coefficients = mixing_coefficients(basis, analogy.query)
+        weights = MixWeights(basis.path, basis.modules, coefficients, float(strength))
+        if strength == 0:
+            return io.NodeOutput(model, weights)
+        patches = composed_patches(basis, coefficients)
+        check_model_fits(model, patches, basis.path)
+        return io.NodeOutput(patched_clone(model, patches, float(strength)), weights)

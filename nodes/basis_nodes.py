@@ -1,0 +1,65 @@
+"""Load LoRA Basis: a LoRWeB basis file from models/lorweb, loaded once and shared."""
+
+from __future__ import annotations
+
+import os
+
+from comfy_api.latest import io
+
+from ..lorweb_ops import load_basis
+from . import model_folders
+from .types import CATEGORY, LICENCE_NOTE, Basis
+
+
+class LoadBasis(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LoRWeB_LoadBasis",
+            display_name="Load LoRA Basis",
+            category=CATEGORY,
+            description="Loads a LoRWeB basis: K LoRAs per Flux layer plus the keys that mix them. "
+                        + LICENCE_NOTE,
+            inputs=[
+                io.Combo.Input(
+                    "basis_name", options=model_folders.basis_files(),
+                    tooltip="LoRWeB basis file (.safetensors) in models/lorweb, e.g. the released "
+                            "lorweb_model.safetensors from hilamanor/lorweb. " + LICENCE_NOTE),
+                io.Combo.Input(
+                    "config", options=[model_folders.AUTO_CONFIG] + model_folders.config_files(),
+                    default=model_folders.AUTO_CONFIG,
+                    tooltip="Mixing settings. 'auto': the ai-toolkit config.yaml saved beside the basis file, "
+                            "else the released values (cat-aa'b, 1 head, softmax, mean). Or pick a yaml from "
+                            "models/lorweb."),
+            ],
+            outputs=[Basis.Output(display_name="basis",
+                                                      tooltip="The loaded basis, for Encode and Apply.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, basis_name: str, config: str) -> bool | str:
+        if model_folders.resolve_in_folder(basis_name) is None:
+            return model_folders.missing_file_message("basis file", basis_name)
+        if config != model_folders.AUTO_CONFIG and model_folders.resolve_in_folder(config) is None:
+            return model_folders.missing_file_message("config", config)
+        return True
+
+    @classmethod
+    def fingerprint_inputs(cls, basis_name: str, config: str) -> tuple:
+        # Re-run when a file with the same name is replaced on disk.
+        paths = [model_folders.resolve_in_folder(basis_name)]
+        if config != model_folders.AUTO_CONFIG:
+            paths.append(model_folders.resolve_in_folder(config))
+        return tuple((p, os.path.getmtime(p), os.path.getsize(p)) for p in paths if p)
+
+    @classmethod
+    def execute(cls, basis_name: str, config: str) -> io.NodeOutput:
+        path = model_folders.resolve_in_folder(basis_name)
+        if path is None:
+            raise FileNotFoundError(model_folders.missing_file_message("basis file", basis_name))
+        config_path = None
+        if config != model_folders.AUTO_CONFIG:
+            config_path = model_folders.resolve_in_folder(config)
+            if config_path is None:
+                raise FileNotFoundError(model_folders.missing_file_message("config", config))
+        return io.NodeOutput(load_basis(path, config_path))

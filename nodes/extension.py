@@ -1,0 +1,15 @@
+"""The pack's ComfyExtension: the node list."""
+
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+from .analogy_nodes import EncodeAnalogy
+from .apply_nodes import ApplyBasis
+from .basis_nodes import LoadBasis
+from .grid_nodes import AnalogyGrid, CropResult
+
+
+class LoRWeBExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [LoadBasis, EncodeAnalogy, ApplyBasis, AnalogyGrid, CropResult]

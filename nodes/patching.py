@@ -1,0 +1,76 @@
+"""Composed low-rank patches -> ComfyUI ``LoRAAdapter`` patches on a cloned ModelPatcher."""
+
+from __future__ import annotations
+
+import os
+
+from comfy.weight_adapter import LoRAAdapter
+
+from ..lorweb_ops import LoRWeBError, ModulePatch
+
+_PREFIX = "diffusion_model."
+
+
+def _weight_shapes(model) -> dict[str, tuple[int, ...]]:
+    state = model.model_state_dict(filter_prefix=_PREFIX)
+    # GGUF tensors keep their logical shape in ``tensor_shape``.
+    return {key: tuple(getattr(tensor, "tensor_shape", tensor.shape)) for key, tensor in state.items()}
+
+
+def check_model_fits(model, patches: list[ModulePatch], basis_path: str) -> None:
+    """Every target weight must exist with room for its rows; say exactly what does not fit, touch nothing."""
+    basis = os.path.basename(basis_path)
+    shapes = _weight_shapes(model)
+    if not any(key.startswith(_PREFIX + "double_blocks.") for key in shapes):
+        kind = type(getattr(model, "model", model)).__name__
+        raise LoRWeBError(
+            f"The MODEL ({kind}) is not a Flux model: it has no double_blocks. The LoRWeB basis {basis} was "
+            "trained for FLUX.1 Kontext [dev]; load that with UNETLoader and connect it here."
+        )
+    problems = [problem for patch in patches if (problem := _misfit(patch, shapes))]
+    if problems:
+        raise LoRWeBError(
+            f"The basis {basis} does not fit this Flux model ({len(problems)} of {len(patches)} layers): "
+            + "; ".join(problems[:4]) + (" ..." if len(problems) > 4 else "")
+            + ". Use the FLUX.1 Kontext [dev] model the basis was trained for (19 double and 38 single blocks, "
+            "hidden size 3072)."
+        )
+
+
+def _misfit(patch: ModulePatch, shapes: dict[str, tuple[int, ...]]) -> str | None:
+    target = patch.target
+    shape = shapes.get(target.model_key)
+    if shape is None:
+        return f"{target.module} -> {target.bfl_layer} is missing from the model"
+    rows, columns = shape[0], shape[1] if len(shape) > 1 else 1
+    expected_rows = target.row_start + target.row_count
+    rows_fit = rows >= expected_rows if target.fused else rows == expected_rows
+    if len(shape) != 2 or columns != patch.down.shape[1] or not rows_fit:
+        return (f"{target.module} needs {target.bfl_layer} rows {target.row_start}..{expected_rows} x "
+                f"{patch.down.shape[1]} columns, the model has {list(shape)}")
+    return None
+
+
+def comfy_patches(patches: list[ModulePatch]) -> dict:
+    """``add_patches`` input: one rank-K*r ``LoRAAdapter`` per module; fused layers get a row slice."""
+    result = {}
+    for patch in patches:
+        target = patch.target
+        key = (target.model_key, (0, target.row_start, target.row_count)) if target.fused else target.model_key
+        # alpha None -> scale 1: the coefficients are already folded into ``down``.
+        result[key] = LoRAAdapter(set(), (patch.up, patch.down, None, None, None, None))
+    return result
+
+
+def patched_clone(model, patches: list[ModulePatch], strength: float):
+    """A clone of ``model`` carrying the composed patches; the input model is left as it was."""
+    clone = model.clone()
+    wanted = comfy_patches(patches)
+    added = clone.add_patches(wanted, strength_patch=strength)
+    if len(added) != len(wanted):
+        missing = [k for k in wanted if k not in set(added)]
+        raise LoRWeBError(
+            f"ComfyUI accepted {len(added)} of {len(wanted)} LoRWeB patches; not matched: {missing[:3]}. "
+            "The model does not have the layers the basis targets."
+        )
+    return clone
