@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 from comfy.weight_adapter import LoRAAdapter
 
@@ -27,27 +28,34 @@ def check_model_fits(model, patches: list[ModulePatch], basis_path: str) -> None
             f"The MODEL ({kind}) is not a Flux model: it has no double_blocks. The LoRWeB basis {basis} was "
             "trained for FLUX.1 Kontext [dev]; load that with UNETLoader and connect it here."
         )
-    problems = [problem for patch in patches if (problem := _misfit(patch, shapes))]
-    if problems:
+    misfits = [(patch.target.bfl_layer, problem) for patch in patches if (problem := _misfit(patch, shapes))]
+    if misfits:
+        # one entry per model weight, in model order: several modules share a fused weight
+        by_layer = dict(misfits)
+        problems = [by_layer[layer] for layer in sorted(by_layer, key=_natural_order)]
         raise LoRWeBError(
-            f"The basis {basis} does not fit this Flux model ({len(problems)} of {len(patches)} layers): "
-            + "; ".join(problems[:4]) + (" ..." if len(problems) > 4 else "")
+            f"The basis {basis} does not fit this Flux model ({len(misfits)} of {len(patches)} basis modules): "
+            + "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
             + ". Use the FLUX.1 Kontext [dev] model the basis was trained for (19 double and 38 single blocks, "
             "hidden size 3072)."
         )
+
+
+def _natural_order(text: str) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
 def _misfit(patch: ModulePatch, shapes: dict[str, tuple[int, ...]]) -> str | None:
     target = patch.target
     shape = shapes.get(target.model_key)
     if shape is None:
-        return f"{target.module} -> {target.bfl_layer} is missing from the model"
+        return f"{target.bfl_layer} is missing from the model"
     rows, columns = shape[0], shape[1] if len(shape) > 1 else 1
     expected_rows = target.row_start + target.row_count
     rows_fit = rows >= expected_rows if target.fused else rows == expected_rows
     if len(shape) != 2 or columns != patch.down.shape[1] or not rows_fit:
-        return (f"{target.module} needs {target.bfl_layer} rows {target.row_start}..{expected_rows} x "
-                f"{patch.down.shape[1]} columns, the model has {list(shape)}")
+        return (f"{target.bfl_layer} is {list(shape)} but {target.module} needs rows "
+                f"{target.row_start}..{expected_rows} x {patch.down.shape[1]} columns")
     return None
 
 
