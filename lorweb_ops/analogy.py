@@ -81,7 +81,7 @@ def encode_analogy(a: Image.Image, a_prime: Image.Image, b: Image.Image, embed: 
             "image. Use a CLIP vision model (the released basis wants openai CLIP ViT-L/14)."
         )
     pooled = pooled.detach().to(device="cpu", dtype=torch.float32)
-    embeddings = MappingProxyType(dict(zip(images, pooled)))
+    embeddings = MappingProxyType(dict(zip(images, pooled, strict=True)))
     query = combine_embeddings(query_mode, embeddings)
     return Analogy(query, query_mode, embeddings, encoder, pooled.shape[1])
 

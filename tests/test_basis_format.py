@@ -2,8 +2,7 @@
 
 import pytest
 import torch
-from lorweb_testing import (GOLDEN_CKPT, golden_tensors, random_basis_tensors, write_ai_toolkit_config,
-                            write_safetensors)
+from lorweb_testing import GOLDEN_CKPT, golden_tensors, random_basis_tensors, write_ai_toolkit_config, write_safetensors
 from safetensors.torch import load_file
 
 import lorweb_ops
@@ -63,7 +62,8 @@ def test_cache_reuses_a_loaded_file_and_notices_changes(tmp_path):
     path = golden_as(tmp_path, torch.float32)
     first = lorweb_ops.load_basis(path)
     again = lorweb_ops.load_basis(path, {"lora_heads": 2})
-    assert again.weights["transformer_blocks.0.attn.to_q"].lora_A is first.weights["transformer_blocks.0.attn.to_q"].lora_A
+    module = "transformer_blocks.0.attn.to_q"
+    assert again.weights[module].lora_A is first.weights[module].lora_A
     assert again.settings.lora_heads == 2 and first.settings.lora_heads == 1
     golden_as(tmp_path, torch.float16)  # rewritten on disk: new size and mtime
     reloaded = lorweb_ops.load_basis(path)
@@ -176,7 +176,8 @@ def test_module_whose_tensors_disagree(tmp_path):
 def test_projection_and_keys_disagree(tmp_path):
     tensors = random_basis_tensors(TWO_BLOCK_MODULES)
     tensors["transformer.transformer_blocks.0.attn.to_q.att_lora_to_q.weight"] = torch.zeros(6, 15, dtype=torch.float16)
-    expect_error("projects the query to 6 values but its keys have 4", write_safetensors(tmp_path / "b.safetensors", tensors))
+    path = write_safetensors(tmp_path / "b.safetensors", tensors)
+    expect_error("projects the query to 6 values but its keys have 4", path)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

@@ -58,7 +58,8 @@ def test_layer_outputs_match_reference_adapter_forward(name, golden):
         delta = (lorweb_ops.delta_weight(other, module, other_c[module])
                  - lorweb_ops.delta_weight(released, module, released_c[module]))
         for x_key, kind in ((f"x3d::{module}", "y3d"), ("x2d_temb", "y2d")):
-            y_other, y_released = golden.get(f"{name}::{kind}::{module}"), golden.get(f"released_like::{kind}::{module}")
+            y_other = golden.get(f"{name}::{kind}::{module}")
+            y_released = golden.get(f"released_like::{kind}::{module}")
             if y_other is not None and golden[x_key].shape[-1] == delta.shape[1]:
                 torch.testing.assert_close(golden[x_key] @ delta.T, y_other - y_released, rtol=0, atol=TOLERANCE)
                 checked += 1

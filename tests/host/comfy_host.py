@@ -10,6 +10,8 @@ import sys
 import uuid
 from pathlib import Path
 
+import pytest
+
 HOST_DIR = Path(__file__).resolve().parent
 REPO_ROOT = HOST_DIR.parents[1]
 PACK_LINK_NAME = "comfyui-lorweb"
@@ -17,6 +19,7 @@ SUPPORT_LINK_NAME = "lorweb_test_support"
 COMFYUI_ROOT = os.environ.get("COMFYUI_ROOT")
 COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON")
 DELEGATE_TEST = "test_delegate.py::test_host_suite_in_comfyui_python"
+HOST_SUMMARY = pytest.StashKey[list]()
 
 
 @functools.cache
@@ -58,6 +61,7 @@ class ComfyHost:
         self.output = base / "output"
         self.server = _HeadlessServer()
         import execution
+
         import nodes
 
         self.nodes, self.execution = nodes, execution

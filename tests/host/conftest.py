@@ -14,8 +14,17 @@ import sys
 from pathlib import Path
 
 import pytest
-from comfy_host import (COMFYUI_ROOT, DELEGATE_TEST, HOST_DIR, PACK_LINK_NAME, REPO_ROOT, SUPPORT_LINK_NAME,
-                        ComfyHost, inside_comfyui_python)
+from comfy_host import (
+    COMFYUI_ROOT,
+    DELEGATE_TEST,
+    HOST_DIR,
+    HOST_SUMMARY,
+    PACK_LINK_NAME,
+    REPO_ROOT,
+    SUPPORT_LINK_NAME,
+    ComfyHost,
+    inside_comfyui_python,
+)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -34,6 +43,11 @@ def pytest_collection_modifyitems(config, items):
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = [item for item in items if item not in dropped]
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    for line in config.stash.get(HOST_SUMMARY, []):
+        terminalreporter.write_line(line)
 
 
 def _link(target: Path, link: Path) -> None:
@@ -59,9 +73,9 @@ def host(tmp_path_factory) -> ComfyHost:
 
         comfy.options.enable_args_parsing()
         import comfy.cli_args  # noqa: F401  (parses --cpu before model_management is imported)
+        import server
         import utils.extra_config  # noqa: F401  (before nodes: nodes.py puts comfy/ first on sys.path)
         import utils.install_util  # noqa: F401
-        import server
     finally:
         sys.argv = saved_argv
     host = ComfyHost(base)

@@ -7,8 +7,17 @@ import shutil
 import pytest
 import torch
 from comfy_host import ExecutionFailed, PromptRejected
-from lorweb_testing import (GOLDEN, GOLDEN_CKPT, GOLDEN_FUSED_KEYS, GOLDEN_TENSORS, GOLDEN_VARIANTS,
-                            golden_tensors, random_basis_tensors, write_ai_toolkit_config, write_safetensors)
+from lorweb_testing import (
+    GOLDEN,
+    GOLDEN_CKPT,
+    GOLDEN_FUSED_KEYS,
+    GOLDEN_TENSORS,
+    GOLDEN_VARIANTS,
+    golden_tensors,
+    random_basis_tensors,
+    write_ai_toolkit_config,
+    write_safetensors,
+)
 from PIL import Image
 
 import lorweb_ops
@@ -50,7 +59,8 @@ def graph(flux_path: str, analogy: dict, basis_name="golden.safetensors", config
         "text": {"class_type": "LoRWeBTest_RandomTextConditioning",
                  "inputs": {"tokens": 5, "context_dim": 16, "pooled_dim": 8, "seed": 1}},
         "latent": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 32, "height": 32, "batch_size": 1}},
-        "reference": {"class_type": "ReferenceLatent", "inputs": {"conditioning": ["text", 0], "latent": ["latent", 0]}},
+        "reference": {"class_type": "ReferenceLatent",
+                      "inputs": {"conditioning": ["text", 0], "latent": ["latent", 0]}},
         "guidance": {"class_type": "FluxGuidance", "inputs": {"conditioning": ["reference", 0], "guidance": 2.5}},
         "negative": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["text", 0]}},
         "sample": {"class_type": "KSampler", "inputs": {
@@ -70,7 +80,8 @@ def golden_analogy() -> dict:
 
 def clip_analogy(a="a.png", a_prime="a_prime.png", b="b.png") -> tuple[dict, dict]:
     extra = {
-        "clip": {"class_type": "LoRWeBTest_TinyClipVisionLoader", "inputs": {"folder": str(GOLDEN / "tiny_clip_vision")}},
+        "clip": {"class_type": "LoRWeBTest_TinyClipVisionLoader",
+                 "inputs": {"folder": str(GOLDEN / "tiny_clip_vision")}},
         "image_a": {"class_type": "LoadImage", "inputs": {"image": a}},
         "image_a_prime": {"class_type": "LoadImage", "inputs": {"image": a_prime}},
         "image_b": {"class_type": "LoadImage", "inputs": {"image": b}},
@@ -121,9 +132,9 @@ def test_patched_weights_equal_golden_delta_and_restore_bitwise(host, files, gol
 
 def test_clip_vision_path_reproduces_the_golden_query_and_delta(host, files, golden):
     """a, a', b through LoadImage and ComfyUI's (fp16) CLIP vision: query ~1e-3, delta ~2e-3 of max|dW|."""
-    from lorweb_ops.images import from_pil
-
     import comfy.model_management
+
+    from lorweb_ops.images import from_pil
 
     support = host.support()
     clip_vision = support.TinyClipVisionLoader().load(str(GOLDEN / "tiny_clip_vision"))[0]

@@ -11,16 +11,15 @@ import json
 import os
 import sys
 
-import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
-
 import comfy.clip_vision
 import comfy.ldm.flux.model
 import comfy.model_detection
 import comfy.model_management
 import comfy.model_patcher
 import comfy.ops
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 REPO_ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.realpath(__file__)), "..", "..", ".."))
 if REPO_ROOT not in sys.path:
