@@ -43,14 +43,19 @@ class EncodeAnalogy(io.ComfyNode):
                 Basis.Input("basis", optional=True,
                             tooltip="Optional: the basis, so the images are encoded in its query mode. "
                                     f"Without it the released mode {RELEASED_SETTINGS.query_mode!r} is used."),
+                io.Boolean.Input("reverse", default=False, optional=True,
+                                 tooltip="Reverse the example edit (a′ → a): swaps a and a′ in the query. Set the "
+                                         "same switch on Analogy Grid."),
             ],
             outputs=[Analogy.Output(display_name="analogy", tooltip="The query of this analogy, for Apply.")],
         )
 
     @classmethod
-    def execute(cls, clip_vision, a, a_prime, b, basis=None) -> io.NodeOutput:
+    def execute(cls, clip_vision, a, a_prime, b, basis=None, reverse: bool = False) -> io.NodeOutput:
         settings = basis.settings if basis is not None else RELEASED_SETTINGS
         images = [to_pil(single_image(image, name)) for image, name in ((a, "a"), (a_prime, "a′"), (b, "b"))]
+        if reverse:
+            images[0], images[1] = images[1], images[0]
         analogy = encode_analogy(*images, _embed_with(clip_vision), query_mode=settings.query_mode,
                                  image_size=clip_vision.image_size, encoder=_encoder_name(clip_vision))
         if basis is not None:

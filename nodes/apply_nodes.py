@@ -7,6 +7,8 @@ import math
 from comfy_api.latest import io
 
 from ..lorweb_ops import MixWeights, check_analogy_fits, composed_patches, mixing_coefficients
+from ..lorweb_ops.chart import mix_summary, render_mix_chart
+from ..lorweb_ops.images import from_pil
 from .patching import check_model_fits, patched_clone
 from .types import CATEGORY, Analogy, Basis, Weights
 
@@ -34,6 +36,9 @@ class ApplyBasis(io.ComfyNode):
                 io.Model.Output(display_name="model", tooltip="A patched copy; the input model is untouched."),
                 Weights.Output(display_name="weights",
                                tooltip="The per-layer coefficients that were applied (for charts, export, blends)."),
+                io.Image.Output(display_name="chart",
+                                tooltip="The mix as a picture: blocks x basis LoRAs heat map, mean weight per basis "
+                                        "LoRA, entropy. Save or preview it with the stock image nodes."),
             ],
         )
 
@@ -49,7 +54,13 @@ class ApplyBasis(io.ComfyNode):
         coefficients = mixing_coefficients(basis, analogy.query)
         weights = MixWeights(basis.path, basis.modules, coefficients, float(strength))
         if strength == 0:
-            return io.NodeOutput(model, weights)
+            return mix_output(model, weights)
         patches = composed_patches(basis, coefficients)
         check_model_fits(model, patches, basis.path)
-        return io.NodeOutput(patched_clone(model, patches, float(strength)), weights)
+        return mix_output(patched_clone(model, patches, float(strength)), weights)
+
+
+def mix_output(model, weights: MixWeights) -> io.NodeOutput:
+    """MODEL, the weights, their chart as an IMAGE, and the chart data for the node UI (web/lorweb_mix.js)."""
+    chart = from_pil(render_mix_chart(weights))
+    return io.NodeOutput(model, weights, chart, ui={"lorweb_mix": [mix_summary(weights)]})

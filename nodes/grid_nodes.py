@@ -22,13 +22,18 @@ class AnalogyGrid(io.ComfyNode):
                 io.Image.Input("a", tooltip="The example before the edit (one image); sets the tile size."),
                 io.Image.Input("a_prime", display_name="a′", tooltip="The example after the edit (one image)."),
                 io.Image.Input("b", tooltip="The new image to edit (one image); fills both bottom tiles."),
+                io.Boolean.Input("reverse", default=False, optional=True,
+                                 tooltip="Reverse the example edit (a′ → a): a′ goes top-left and sets the tile size. "
+                                         "Set the same switch on Encode Analogy Pair."),
             ],
             outputs=[io.Image.Output(display_name="grid", tooltip="[a | a′] / [b | b], twice a's width and height.")],
         )
 
     @classmethod
-    def execute(cls, a, a_prime, b) -> io.NodeOutput:
+    def execute(cls, a, a_prime, b, reverse: bool = False) -> io.NodeOutput:
         tiles = [to_pil(single_image(image, name)) for image, name in ((a, "a"), (a_prime, "a′"), (b, "b"))]
+        if reverse:
+            tiles[0], tiles[1] = tiles[1], tiles[0]
         return io.NodeOutput(from_pil(build_grid(*tiles)))
 
 

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 import sys
 from pathlib import Path
 
@@ -72,10 +73,11 @@ def host(tmp_path_factory) -> ComfyHost:
         import comfy.options
 
         comfy.options.enable_args_parsing()
-        import comfy.cli_args  # noqa: F401  (parses --cpu before model_management is imported)
-        import server
-        import utils.extra_config  # noqa: F401  (before nodes: nodes.py puts comfy/ first on sys.path)
-        import utils.install_util  # noqa: F401
+        # Order matters: args are parsed (--cpu) before model_management loads, and utils/ is imported before
+        # nodes.py puts comfy/ first on sys.path (where comfy/utils.py would shadow it).
+        for module in ("comfy.cli_args", "utils.extra_config", "utils.install_util"):
+            importlib.import_module(module)
+        server = importlib.import_module("server")
     finally:
         sys.argv = saved_argv
     host = ComfyHost(base)

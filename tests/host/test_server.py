@@ -19,7 +19,7 @@ from lorweb_testing import GOLDEN_CKPT, write_ai_toolkit_config
 NODE_IDS = {
     "LoRWeB_LoadBasis": ("Load LoRA Basis", ["LORWEB_BASIS"]),
     "LoRWeB_EncodeAnalogy": ("Encode Analogy Pair", ["LORWEB_ANALOGY"]),
-    "LoRWeB_ApplyBasis": ("Apply Weighted LoRA Basis", ["MODEL", "LORWEB_WEIGHTS"]),
+    "LoRWeB_ApplyBasis": ("Apply Weighted LoRA Basis", ["MODEL", "LORWEB_WEIGHTS", "IMAGE"]),
     "LoRWeB_AnalogyGrid": ("Analogy Grid", ["IMAGE"]),
     "LoRWeB_CropResult": ("Crop Analogy Result", ["IMAGE"]),
 }
