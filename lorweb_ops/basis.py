@@ -17,11 +17,11 @@ from types import MappingProxyType
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from .config import BasisSettings, resolve_settings
 from .errors import LoRWeBError
 from .flux_map import is_flux_module
+from .safetensors_io import read_safetensors, tensor_names
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _PARTS = {"lora_A": "lora_A", "lora_B": "lora_B", "lora_keys": "lora_keys", "att_lora_to_q.weight": "to_q"}
@@ -152,18 +152,8 @@ def _read_basis_file(path: str) -> _LoadedFile:
             f"{os.path.basename(path)} is not a .safetensors file. Only safetensors bases are loaded "
             "(pickled .pt/.ckpt/.bin files can run code); use the released lorweb .safetensors file."
         )
-    try:
-        with safe_open(path, framework="pt", device="cpu") as handle:
-            metadata = dict(handle.metadata() or {})
-            # offset_keys(): the order the tensors are stored in (newer safetensors); keys() is sorted by name
-            names = list(handle.offset_keys() if hasattr(handle, "offset_keys") else handle.keys())
-            grouped = _group_keys(names, path)
-            tensors = {key: handle.get_tensor(key) for key in names}
-    except (SafetensorError, OSError, RuntimeError) as error:
-        raise LoRWeBError(
-            f"{os.path.basename(path)} could not be read as safetensors ({error}). The file is damaged or "
-            "incomplete: download the LoRWeB basis again."
-        ) from None
+    grouped = _group_keys(tensor_names(path), path)  # refuse a wrong file before reading its data
+    tensors, metadata = read_safetensors(path)
     weights = {module: _module_basis(module, parts, tensors, path) for module, parts in grouped.items()}
     _check_consistent(weights, path)
     return _LoadedFile(MappingProxyType(weights), MappingProxyType(metadata))
