@@ -73,6 +73,22 @@ class LoraBasis:
         return sum(t.numel() for m in self.weights.values() for t in (m.lora_A, m.lora_B, m.lora_keys, m.to_q)
                    if t is not None)
 
+    def summary(self) -> dict:
+        """JSON-ready facts for the node UI. Metadata strings come from the file: show them as text, never HTML."""
+        return {
+            "file": os.path.basename(self.path),
+            "modules": len(self.modules),
+            "num_loras": self.num_loras,
+            "rank": self.rank,
+            "keys_dim": self.keys_dim,
+            "query_dim": self.query_dim,
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "parameters": self.num_parameters,
+            "settings": self.settings.as_dict(),
+            "settings_source": os.path.basename(self.settings_source),
+            "metadata": {key: value[:200] for key, value in self.metadata.items()},
+        }
+
     def with_settings(self, settings: BasisSettings, source: str) -> LoraBasis:
         """The same tensors under other mixing settings (checked against the shapes)."""
         _check_settings_fit(settings, self.keys_dim, self.weights, self.path)

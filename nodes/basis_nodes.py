@@ -62,4 +62,5 @@ class LoadBasis(io.ComfyNode):
             config_path = model_folders.resolve_in_folder(config)
             if config_path is None:
                 raise FileNotFoundError(model_folders.missing_file_message("config", config))
-        return io.NodeOutput(load_basis(path, config_path))
+        basis = load_basis(path, config_path)
+        return io.NodeOutput(basis, ui={"lorweb_basis": [basis.summary()]})

@@ -8,10 +8,10 @@ import shutil
 
 import pytest
 from browser import find_chromium, open_page
-from comfy_host import SUPPORT_LINK_NAME, HOST_DIR
+from comfy_host import HOST_DIR, SUPPORT_LINK_NAME
 from comfy_server import make_base, post_json, running_server
-from lorweb_testing import GOLDEN_CKPT, GOLDEN_TENSORS
-
+from lorweb_testing import GOLDEN_CKPT, GOLDEN_TENSORS, write_safetensors
+from safetensors.torch import load_file
 from test_nodes_in_comfyui import GOLDEN_FLUX
 
 CHROMIUM = find_chromium()
@@ -23,6 +23,8 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on this ma
 def server_with_tiny_flux(host, tmp_path_factory):
     base = make_base(tmp_path_factory.mktemp("browser_base"), {SUPPORT_LINK_NAME: HOST_DIR / "support_pack"})
     shutil.copy(GOLDEN_CKPT, base / "models" / "lorweb" / "golden.safetensors")
+    write_safetensors(base / "models" / "lorweb" / "hostile.safetensors", load_file(str(GOLDEN_CKPT)),
+                      metadata=HOSTILE_METADATA)
     flux = base / "tiny_flux.safetensors"
     host.support().write_tiny_flux(str(flux), **GOLDEN_FLUX)
     with running_server(base) as url:
@@ -31,10 +33,15 @@ def server_with_tiny_flux(host, tmp_path_factory):
         yield url, base, flux
 
 
-def mix_prompt(flux_path: str) -> dict:
+# metadata a stranger's file could carry: it must show as text, never run
+HOSTILE_METADATA = {"name": '<img src=x onerror="window.__lorwebInjected=1">',
+                    "software": "<script>window.__lorwebInjected=2</script><b>bold</b>"}
+
+
+def mix_prompt(flux_path: str, basis_name: str = "golden.safetensors") -> dict:
     return {
         "1": {"class_type": "LoRWeBTest_TinyFluxLoader", "inputs": {"path": flux_path}},
-        "2": {"class_type": "LoRWeB_LoadBasis", "inputs": {"basis_name": "golden.safetensors", "config": "auto"}},
+        "2": {"class_type": "LoRWeB_LoadBasis", "inputs": {"basis_name": basis_name, "config": "auto"}},
         "3": {"class_type": "LoRWeBTest_AnalogyFromQuery",
               "inputs": {"path": str(GOLDEN_TENSORS), "key": "query_square", "query_mode": "cat-aa'b"}},
         "4": {"class_type": "LoRWeB_ApplyBasis",
@@ -66,22 +73,36 @@ async def run_in_browser(url: str, prompt: dict, profile, screenshot) -> tuple[s
         await asyncio.sleep(1.0)
         await page.screenshot(screenshot)
         caption = await page.evaluate("document.querySelector('.lorweb-mix-caption').textContent")
-        return caption, list(page.errors)
+        basis_info = await page.evaluate(
+            "({text: document.querySelector('.lorweb-basis-info')?.textContent,"
+            "  elements: document.querySelectorAll('.lorweb-basis-info *').length,"
+            "  injected: window.__lorwebInjected === undefined ? null : window.__lorwebInjected})")
+        return caption, basis_info, list(page.errors)
 
 
 def test_mix_chart_appears_after_running_a_prompt(server_with_tiny_flux, tmp_path):
     url, base, flux = server_with_tiny_flux
-    caption, errors = asyncio.run(run_in_browser(url, mix_prompt(str(flux)), tmp_path / "profile",
-                                                 base / "mix_chart.png"))
+    caption, _, errors = asyncio.run(run_in_browser(url, mix_prompt(str(flux)), tmp_path / "profile",
+                                                    base / "mix_chart.png"))
     assert "20 layers × 3 LoRAs" in caption and "entropy" in caption and "dominant #" in caption
     ours = [error for error in errors if "lorweb" in error.lower()]
     assert not ours, ours
 
 
+def test_file_metadata_is_shown_as_text(server_with_tiny_flux, tmp_path):
+    url, base, flux = server_with_tiny_flux
+    _, info, errors = asyncio.run(run_in_browser(url, mix_prompt(str(flux), "hostile.safetensors"),
+                                                 tmp_path / "profile", base / "basis_info.png"))
+    assert HOSTILE_METADATA["name"] in info["text"] and HOSTILE_METADATA["software"] in info["text"]
+    assert info["elements"] == 0 and info["injected"] is None
+    assert "hostile.safetensors: 20 layers, K=3, rank 2, float16" in info["text"]
+    assert not [error for error in errors if "lorweb" in error.lower()]
+
+
 def test_front_end_loaded_the_extension_once(server_with_tiny_flux, tmp_path):
     url, _, _ = server_with_tiny_flux
     names = asyncio.run(_extension_names(url, tmp_path / "profile"))
-    assert names.count("lorweb.mixChart") == 1
+    assert names.count("lorweb.mixChart") == 1 and names.count("lorweb.basisInfo") == 1
 
 
 async def _extension_names(url, profile) -> list[str]:
