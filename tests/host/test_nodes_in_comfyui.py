@@ -19,6 +19,7 @@ from lorweb_testing import (
     write_safetensors,
 )
 from PIL import Image
+from safetensors.torch import load_file
 
 import lorweb_ops
 from lorweb_ops.flux_map import released_module_names
@@ -178,8 +179,17 @@ def test_strength_zero_returns_the_model_unpatched(host, files):
 # ---- bad inputs: the message the user sees, and no weight touched ---------------------------------
 
 def run_failing(host, prompt) -> str:
+    """Run a prompt that must fail; check that the model it loaded was left as it was. Returns the message."""
+    host.support().LOADED.clear()
     with pytest.raises(ExecutionFailed) as failure:
         host.run(prompt)
+    loaded = host.support().LOADED
+    if loaded:
+        model = loaded["model"]
+        assert not model.patches, "a failed run left patches on the input model"
+        original = load_file(loaded["path"])
+        state = model.model.diffusion_model.state_dict()
+        assert all(torch.equal(state[k], original[k]) for k in original), "a failed run changed weights"
     return str(failure.value)
 
 
@@ -217,6 +227,28 @@ def test_a_model_that_is_not_flux(host, files):
     with pytest.raises(ValueError, match="is not a Flux model: it has no double_blocks.*FLUX.1 Kontext"):
         apply.execute(clip_vision.patcher, lorweb_ops.load_basis(GOLDEN_CKPT), analogy, 1.0)
     assert not clip_vision.patcher.patches
+
+
+def test_an_sd15_model_is_refused(host):
+    """A real ComfyUI SD1.5 model (built on the meta device: only its layout matters here)."""
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    unet = dict(use_checkpoint=False, image_size=32, out_channels=4, use_spatial_transformer=True, legacy=False,
+                adm_in_channels=None, in_channels=4, model_channels=320, num_res_blocks=[2, 2, 2, 2],
+                transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], channel_mult=[1, 2, 4, 4], transformer_depth_middle=1,
+                use_linear_in_transformer=False, context_dim=768, num_heads=8,
+                transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], use_temporal_attention=False,
+                use_temporal_resblock=False)
+    config = comfy.supported_models.SD15(unet)
+    model = config.get_model({}, "", device=torch.device("meta"))
+    patcher = comfy.model_patcher.ModelPatcher(model, torch.device("cpu"), torch.device("cpu"))
+    apply = host.nodes.NODE_CLASS_MAPPINGS["LoRWeB_ApplyBasis"]
+    analogy = host.support().AnalogyFromQuery().load(str(GOLDEN_TENSORS), "query_square", "cat-aa'b")[0]
+    with pytest.raises(ValueError, match=r"The MODEL \(BaseModel\) is not a Flux model"):
+        apply.execute(patcher, lorweb_ops.load_basis(GOLDEN_CKPT), analogy, 1.0)
+    assert not patcher.patches
 
 
 def test_an_ordinary_lora_given_as_basis(host, files):

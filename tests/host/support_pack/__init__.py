@@ -29,6 +29,8 @@ import lorweb_ops  # noqa: E402  (the plain library; duck-typed objects cross to
 
 #: what the last ProbeWeights node saw: {"model": patcher, "weights": {key: tensor}}
 PROBES: dict = {}
+#: the last model TinyFluxLoader built (tests check that failed runs left it untouched)
+LOADED: dict = {}
 
 
 def flux_unet_config(hidden: int, mlp_ratio: float, heads: int, axes: list[int], depth: int, single_depth: int,
@@ -72,6 +74,7 @@ class TinyFluxLoader:
         model.load_model_weights(state, "")
         patcher = comfy.model_patcher.ModelPatcher(model, comfy.model_management.get_torch_device(),
                                                    comfy.model_management.unet_offload_device())
+        LOADED.update(model=patcher, path=path)
         return (patcher,)
 
 
