@@ -3,10 +3,12 @@
 No ComfyUI import anywhere in this package; the nodes in ``nodes/`` adapt ComfyUI types to these functions.
 """
 
+from .adjust import adjust_mix, blend_weights, check_weights_fit, is_probability_mix, parse_overrides
 from .analogy import Analogy, check_analogy_fits, combine_embeddings, encode_analogy, encoder_images
 from .basis import LoraBasis, ModuleBasis, clear_basis_cache, load_basis
 from .config import RELEASED_SETTINGS, BasisSettings, resolve_settings
 from .errors import LoRWeBError
+from .export import ExportedLora, export_lora, reduce_rank, write_new_file
 from .flux_map import FluxTarget, flux_target, released_module_names
 from .images import build_grid, clip_pixel_values, crop_result, grid_quadrants, reference_quadrants
 from .mixing import MixWeights, delta_weight, lowrank_factors, mixing_coefficients
@@ -18,4 +20,6 @@ __all__ = [
     "combine_embeddings", "composed_patches", "crop_result", "delta_weight", "encode_analogy", "encoder_images",
     "flux_delta", "flux_target", "grid_quadrants", "load_basis", "lowrank_factors", "mixing_coefficients",
     "module_targets", "reference_quadrants", "released_module_names", "resolve_settings",
+    "ExportedLora", "adjust_mix", "blend_weights", "check_weights_fit", "export_lora", "is_probability_mix",
+    "parse_overrides", "reduce_rank", "write_new_file",
 ]

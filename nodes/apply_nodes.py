@@ -6,7 +6,7 @@ import math
 
 from comfy_api.latest import io
 
-from ..lorweb_ops import MixWeights, check_analogy_fits, composed_patches, mixing_coefficients
+from ..lorweb_ops import LoRWeBError, MixWeights, check_analogy_fits, composed_patches, mixing_coefficients
 from ..lorweb_ops.chart import mix_summary, render_mix_chart
 from ..lorweb_ops.images import from_pil
 from .patching import check_model_fits, patched_clone
@@ -43,13 +43,17 @@ class ApplyBasis(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, strength: float) -> bool | str:
+    def validate_inputs(cls, strength: float | None = None) -> bool | str:
+        if strength is None:  # linked from another node: checked when it arrives
+            return True
         if not isinstance(strength, (int, float)) or not math.isfinite(strength) or abs(strength) > STRENGTH_LIMIT:
             return f"strength must be a number between -{STRENGTH_LIMIT:g} and {STRENGTH_LIMIT:g}, got {strength!r}."
         return True
 
     @classmethod
     def execute(cls, model, basis, analogy, strength: float) -> io.NodeOutput:
+        if (problem := cls.validate_inputs(strength)) is not True:
+            raise LoRWeBError(problem)
         check_analogy_fits(analogy, basis.settings, basis.query_dim)
         coefficients = mixing_coefficients(basis, analogy.query)
         weights = MixWeights(basis.path, basis.modules, coefficients, float(strength))

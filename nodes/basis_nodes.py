@@ -37,18 +37,19 @@ class LoadBasis(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, basis_name: str, config: str) -> bool | str:
-        if model_folders.resolve_in_folder(basis_name) is None:
+    def validate_inputs(cls, basis_name: str | None = None, config: str | None = None) -> bool | str:
+        # a name that arrives through a link is None here; execute checks it
+        if basis_name is not None and model_folders.resolve_in_folder(basis_name) is None:
             return model_folders.missing_file_message("basis file", basis_name)
-        if config != model_folders.AUTO_CONFIG and model_folders.resolve_in_folder(config) is None:
+        if config not in (None, model_folders.AUTO_CONFIG) and model_folders.resolve_in_folder(config) is None:
             return model_folders.missing_file_message("config", config)
         return True
 
     @classmethod
-    def fingerprint_inputs(cls, basis_name: str, config: str) -> tuple:
+    def fingerprint_inputs(cls, basis_name: str | None = None, config: str | None = None) -> tuple:
         # Re-run when a file with the same name is replaced on disk.
-        paths = [model_folders.resolve_in_folder(basis_name)]
-        if config != model_folders.AUTO_CONFIG:
+        paths = [model_folders.resolve_in_folder(basis_name)] if basis_name else []
+        if config not in (None, model_folders.AUTO_CONFIG):
             paths.append(model_folders.resolve_in_folder(config))
         return tuple((p, os.path.getmtime(p), os.path.getsize(p)) for p in paths if p)
 

@@ -7,9 +7,12 @@ from comfy_api.latest import ComfyExtension, io
 from .analogy_nodes import EncodeAnalogy
 from .apply_nodes import ApplyBasis
 from .basis_nodes import LoadBasis
+from .export_nodes import SaveComposedLoRA
 from .grid_nodes import AnalogyGrid, CropResult
+from .weights_nodes import AdjustMix, ApplyWeights, BlendAnalogies
 
 
 class LoRWeBExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [LoadBasis, EncodeAnalogy, ApplyBasis, AnalogyGrid, CropResult]
+        return [LoadBasis, EncodeAnalogy, ApplyBasis, AnalogyGrid, CropResult,
+                SaveComposedLoRA, BlendAnalogies, ApplyWeights, AdjustMix]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gc
 
-import psutil
 import torch
 from lorweb_testing import GOLDEN_TENSORS
 from test_nodes_in_comfyui import files, golden_analogy, graph  # noqa: F401  (files is a fixture)
@@ -22,6 +21,7 @@ def analogy_for(run: int) -> dict:
 
 def test_two_hundred_alternating_analogies(host, files):  # noqa: F811
     import comfy.model_management
+    import psutil  # a ComfyUI requirement
 
     executor = host.executor()
     process = psutil.Process()

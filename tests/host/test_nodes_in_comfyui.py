@@ -170,6 +170,17 @@ def test_analogy_grid_and_crop_nodes(host, files):
     assert torch.equal(crop, tiles[2])
 
 
+def test_strength_through_a_link(host, files):
+    """A strength fed by another node is absent at queue time and checked when it arrives."""
+    extra = {"strength": {"class_type": "PrimitiveFloat", "inputs": {"value": STRENGTH}}}
+    prompt = graph(files["flux"], golden_analogy(), extra=extra)
+    prompt["apply"]["inputs"]["strength"] = ["strength", 0]
+    host.run(prompt)
+    weights, original = host.support().PROBES["weights"], files["original"]
+    key = "double_blocks.0.img_attn.proj.weight"
+    assert not torch.equal(weights[key], original[key])
+
+
 def test_strength_zero_returns_the_model_unpatched(host, files):
     host.run(graph(files["flux"], golden_analogy(), strength=0.0))
     weights, original = host.support().PROBES["weights"], files["original"]

@@ -1,0 +1,142 @@
+"""Moving through LoRA space: blend two analogies' weights, reshape a mix, and apply weights to a model."""
+
+from __future__ import annotations
+
+import math
+
+from comfy_api.latest import io
+
+from ..lorweb_ops import LoRWeBError, MixWeights, composed_patches
+from ..lorweb_ops.adjust import OVERRIDE_EXAMPLE, adjust_mix, blend_weights, check_weights_fit, parse_overrides
+from .apply_nodes import STRENGTH_LIMIT, mix_output
+from .patching import check_model_fits, patched_clone
+from .types import CATEGORY, Basis, Weights
+
+
+def strength_problem(strength) -> str | None:
+    if not isinstance(strength, (int, float)) or not math.isfinite(strength) or abs(strength) > STRENGTH_LIMIT:
+        return f"strength must be a number between -{STRENGTH_LIMIT:g} and {STRENGTH_LIMIT:g}, got {strength!r}."
+    return None
+
+
+class BlendAnalogies(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LoRWeB_BlendAnalogies",
+            display_name="Blend Analogies",
+            category=CATEGORY,
+            description="Interpolates two analogies' per-layer weights: (1 − t)·weights_1 + t·weights_2 in every "
+                        "layer (strength too). Softmax mixes stay non-negative and sum to 1, so the blend stays in "
+                        "the domain LoRWeB was trained on.",
+            inputs=[
+                Weights.Input("weights_1", tooltip="Weights of the first analogy (an Apply node's weights output)."),
+                Weights.Input("weights_2", tooltip="Weights of the second analogy; must come from the same basis."),
+                io.Float.Input("t", default=0.5, min=0.0, max=1.0, step=0.01,
+                               tooltip="0 = only weights_1, 1 = only weights_2, 0.5 = half of each."),
+            ],
+            outputs=[Weights.Output(display_name="weights",
+                                    tooltip="The blended weights, for Apply LoRA Basis Weights, Adjust Mix or "
+                                            "Save Composed LoRA.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, t: float | None) -> bool | str:
+        # None: the value comes through a link and is checked when the node runs (blend_weights)
+        if t is not None and (not isinstance(t, (int, float)) or not math.isfinite(t) or not 0.0 <= t <= 1.0):
+            return f"t must be a number from 0 (only weights_1) to 1 (only weights_2), got {t!r}."
+        return True
+
+    @classmethod
+    def execute(cls, weights_1: MixWeights, weights_2: MixWeights, t: float) -> io.NodeOutput:
+        return io.NodeOutput(blend_weights(weights_1, weights_2, t))
+
+
+class AdjustMix(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LoRWeB_AdjustMix",
+            display_name="Adjust Mix",
+            category=CATEGORY,
+            description="Reshapes a mix in every layer, in this order: temperature, overrides, top-k; softmax mixes "
+                        "are then renormalised to sum 1. The defaults change nothing.",
+            inputs=[
+                Weights.Input("weights", tooltip="Weights from an Apply node, Blend Analogies or another Adjust Mix."),
+                io.Float.Input("temperature", default=1.0, min=0.01, max=100.0, step=0.01,
+                               tooltip="1 = unchanged. Softmax mixes become softmax(log c / T): below 1 sharpens "
+                                       "towards the dominant basis LoRAs, above 1 flattens towards uniform. Signed "
+                                       "(tanh) mixes become sign(c)·|c|^(1/T)."),
+                io.Int.Input("top_k", default=0, min=0, max=1024,
+                             tooltip="0 = keep all. Otherwise keep the k largest |weights| of each layer and zero "
+                                     "the rest (softmax mixes are renormalised to sum 1)."),
+                io.String.Input("override", default="", multiline=False, placeholder="7=1.0, 3=0.5",
+                                tooltip="Set basis LoRA k's weight in every layer before normalisation, "
+                                        f"{OVERRIDE_EXAMPLE}. LoRAs are numbered from 0, as in the mix chart. "
+                                        "Empty = none."),
+            ],
+            outputs=[Weights.Output(display_name="weights", tooltip="The adjusted weights (same basis).")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, override: str | None) -> bool | str:
+        # only the text needs checking here: the number widgets are bounded by ComfyUI itself.
+        # None: the text comes through a link and is parsed when the node runs.
+        if override is None:
+            return True
+        try:
+            parse_overrides(override)
+        except ValueError as error:
+            return str(error)
+        return True
+
+    @classmethod
+    def execute(cls, weights: MixWeights, temperature: float, top_k: int, override: str) -> io.NodeOutput:
+        return io.NodeOutput(adjust_mix(weights, temperature, top_k, parse_overrides(override)))
+
+
+class ApplyWeights(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LoRWeB_ApplyWeights",
+            display_name="Apply LoRA Basis Weights",
+            category=CATEGORY,
+            description="Patches a copy of the Flux Kontext MODEL with the basis mixed by given weights (blended, "
+                        "adjusted or from another Apply) instead of an analogy. Same patching as Apply Weighted "
+                        "LoRA Basis.",
+            inputs=[
+                io.Model.Input("model", tooltip="The FLUX.1 Kontext [dev] model (UNETLoader, any precision)."),
+                Basis.Input("basis", tooltip="From Load LoRA Basis: the basis the weights were made with."),
+                Weights.Input("weights", tooltip="From an Apply node, Blend Analogies or Adjust Mix."),
+                io.Float.Input("strength", default=1.0, min=-STRENGTH_LIMIT, max=STRENGTH_LIMIT, step=0.01,
+                               tooltip="Scale of the composed LoRA; it replaces the strength stored in the weights. "
+                                       "1.0 is what LoRWeB was trained with; 0 returns the model unchanged."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="model", tooltip="A patched copy; the input model is untouched."),
+                Weights.Output(display_name="weights",
+                               tooltip="The weights that were applied, with this strength (for charts, export)."),
+                io.Image.Output(display_name="chart",
+                                tooltip="The mix as a picture: blocks x basis LoRAs heat map, mean weight per basis "
+                                        "LoRA, entropy. Save or preview it with the stock image nodes."),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, strength: float | None) -> bool | str:
+        # None: the value comes through a link and is checked when the node runs
+        return True if strength is None else strength_problem(strength) or True
+
+    @classmethod
+    def execute(cls, model, basis, weights: MixWeights, strength: float) -> io.NodeOutput:
+        problem = strength_problem(strength)
+        if problem:
+            raise LoRWeBError(problem)
+        check_weights_fit(basis, weights)  # before anything is computed or patched
+        applied = MixWeights(basis.path, basis.modules, weights.coefficients, float(strength))
+        if strength == 0:
+            return mix_output(model, applied)
+        patches = composed_patches(basis, applied.coefficients)
+        check_model_fits(model, patches, basis.path)
+        return mix_output(patched_clone(model, patches, float(strength)), applied)
