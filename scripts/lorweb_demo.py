@@ -1,0 +1,244 @@
+"""Demo weights for ``run_analogy.py --demo``: small random models that ComfyUI's stock loaders accept.
+
+Key sets and shapes come from ComfyUI's own classes built on the meta device, so the files fit the ComfyUI that
+is running (0.3.64 and 0.8.0 give the same keys). Nothing is downloaded. Call these only after ComfyUI has been
+started in this process (``comfy`` must be importable and its arguments parsed).
+
+* Flux: the real Flux shapes (hidden 3072, T5 4096 / CLIP-L 768 inputs, guidance embedding) with one double and
+  one single block, bf16 (~1.1 GB); UNETLoader detects it as FLUX.1 dev/Kontext.
+* text: a CLIP-L text model with Hugging Face key names, loaded with CLIPLoader type ``sd3`` (pads its tokens to
+  the 4096 T5 width; Flux reads the first 768 pooled values). T5-XXL would be 4.7 B parameters.
+* VAE: a full-size Flux VAE (16 latent channels). CLIP vision: a full-size ViT-L/14 (CLIPVisionLoader picks
+  models by layer count). Basis: the released LoRWeB format for the 20 modules of those two blocks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    # appended, never first: the pack's nodes/ package must not shadow ComfyUI's nodes.py
+    sys.path.append(str(REPO_ROOT))
+
+from lorweb_ops.flux_map import released_module_names  # noqa: E402  (plain library, no ComfyUI)
+
+FORMAT = 1  # bump when the files change, so old caches are rebuilt
+HIDDEN, MLP = 3072, 4 * 3072
+NUM_LORAS, RANK, KEYS_DIM, QUERY_DIM = 32, 4, 128, 3 * 768
+TILE = 64  # demo images are TILE x TILE: the Kontext grid is 2*TILE square
+#: ComfyUI model folder -> demo file name (names no real model uses, so they never shadow a user's files)
+FILES = {
+    "diffusion_models": "lorweb-demo-flux.safetensors",
+    "text_encoders": "lorweb-demo-clip-l.safetensors",
+    "vae": "lorweb-demo-vae.safetensors",
+    "clip_vision": "lorweb-demo-clip-vision.safetensors",
+    "lorweb": "lorweb-demo-basis.safetensors",
+}
+IMAGES = {"a": "demo_a.png", "a_prime": "demo_a_prime.png", "b": "demo_b.png"}
+RELEASED_NETWORK_KWARGS = {"query_mode": "cat-aa'b", "lora_heads": 1, "lora_softmax": True,
+                           "mixing_coeffs_type": "mean", "query_projection_type": "linear",
+                           "external_query_model": "openai/clip-vit-large-patch14"}
+
+
+def default_cache() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "lorweb-demo"
+
+
+def ensure_demo_files(cache: Path, log: Callable[[str], None] = print) -> None:
+    """Write every missing demo file into ``cache`` (reused when its manifest matches)."""
+    manifest = cache / "manifest.json"
+    recorded = json.loads(manifest.read_text()) if manifest.is_file() else None
+    if recorded == _manifest(cache):
+        return
+    # files of an older format are rewritten; finished files of an interrupted first run are kept
+    rewrite = recorded is not None and recorded.get("format") != FORMAT
+    writers = {"diffusion_models": write_flux, "text_encoders": write_clip_text, "vae": write_vae,
+               "clip_vision": write_clip_vision, "lorweb": write_basis}
+    for folder, name in FILES.items():
+        path = cache / folder / name
+        if rewrite or not path.is_file():
+            log(f"demo: writing random {folder} weights to {path}")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _atomic(path, writers[folder])
+    write_basis_config(cache / "lorweb" / "config.yaml")
+    write_demo_images(cache / "images")
+    manifest.write_text(json.dumps(_manifest(cache)))
+
+
+def _manifest(cache: Path) -> dict:
+    sizes = {name: (cache / folder / name).stat().st_size if (cache / folder / name).is_file() else None
+             for folder, name in FILES.items()}
+    return {"format": FORMAT, "files": sizes}
+
+
+def _atomic(path: Path, writer: Callable[[Path], None]) -> None:
+    # A half-written file from an interrupted run must never look like a finished one.
+    partial = path.with_suffix(".partial")
+    writer(partial)
+    os.replace(partial, path)
+
+
+def register_demo_folders(cache: Path) -> None:
+    """Make ComfyUI's loaders see the demo files; the user's own model folders are left as they are."""
+    import folder_paths
+
+    for folder in FILES:
+        folder_paths.add_model_folder_path(folder, str(cache / folder))
+
+
+def random_state(shapes: dict[str, torch.Size], dtype: torch.dtype, seed: int) -> dict[str, torch.Tensor]:
+    """Initialisation-like values: norm weights 1, biases 0, everything else N(0, 0.02)."""
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, shape in shapes.items():
+        if len(shape) == 1 and key.endswith((".weight", ".scale")):
+            state[key] = torch.ones(shape, dtype=dtype)
+        elif len(shape) == 1 and key.endswith(".bias"):
+            state[key] = torch.zeros(shape, dtype=dtype)
+        else:
+            state[key] = (0.02 * torch.randn(shape, generator=generator)).to(dtype)
+    return state
+
+
+def _meta_shapes(build: Callable[[], torch.nn.Module]) -> dict[str, torch.Size]:
+    with torch.device("meta"):
+        module = build()
+    return {key: value.shape for key, value in module.state_dict().items()}
+
+
+def _save(path: Path, shapes: dict[str, torch.Size], dtype: torch.dtype, seed: int) -> None:
+    from safetensors.torch import save_file
+
+    save_file(random_state(shapes, dtype, seed), str(path), metadata={"lorweb_demo": "random weights"})
+
+
+def flux_shapes(depth: int = 1, single_depth: int = 1) -> dict[str, torch.Size]:
+    """Keys and shapes of ComfyUI's own Flux at the real widths with ``depth`` double / ``single_depth`` single
+    blocks (hidden 3072, 24 heads, T5 4096 and CLIP-L 768 inputs, guidance embedding: what detection expects)."""
+    import comfy.ldm.flux.model
+    import comfy.ops
+
+    params = dict(in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096, hidden_size=HIDDEN,
+                  mlp_ratio=4.0, num_heads=24, depth=depth, depth_single_blocks=single_depth, axes_dim=[16, 56, 56],
+                  theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True, txt_ids_dims=[])
+    known = {field.name for field in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}  # 0.3.64: fewer fields
+    params = {key: value for key, value in params.items() if key in known}
+    return _meta_shapes(lambda: comfy.ldm.flux.model.Flux(**params, dtype=torch.bfloat16,
+                                                          operations=comfy.ops.disable_weight_init))
+
+
+def write_flux(path: Path) -> None:
+    _save(path, flux_shapes(), torch.bfloat16, seed=1)
+
+
+def _comfy_json(name: str) -> dict:
+    import comfy.clip_model  # ``comfy`` itself is a namespace package (no __file__)
+
+    return json.loads(Path(os.path.dirname(comfy.clip_model.__file__), name).read_text())
+
+
+def write_clip_text(path: Path) -> None:
+    import comfy.clip_model
+    import comfy.ops
+
+    config = _comfy_json("sd1_clip_config.json")  # CLIP-L text: 12 layers, 768 wide
+    shapes = _meta_shapes(lambda: comfy.clip_model.CLIPTextModel(config, torch.float16, "meta",
+                                                                 comfy.ops.manual_cast))
+    _save(path, shapes, torch.float16, seed=2)
+
+
+def write_clip_vision(path: Path) -> None:
+    import comfy.clip_model
+    import comfy.ops
+
+    config = _comfy_json("clip_vision_config_vitl.json")  # ViT-L/14: 24 layers, 1024 wide, projection 768
+    shapes = _meta_shapes(lambda: comfy.clip_model.CLIPVisionModelProjection(config, torch.float16, "meta",
+                                                                             comfy.ops.manual_cast))
+    _save(path, shapes, torch.float16, seed=3)
+
+
+def write_vae(path: Path) -> None:
+    from comfy.ldm.models.autoencoder import AutoencodingEngine
+
+    config = {"double_z": True, "z_channels": 16, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+              "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+    coder = "comfy.ldm.modules.diffusionmodules.model."
+    shapes = _meta_shapes(lambda: AutoencodingEngine(
+        regularizer_config={"target": "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"},
+        encoder_config={"target": coder + "Encoder", "params": config},
+        decoder_config={"target": coder + "Decoder", "params": config}))
+    _save(path, shapes, torch.float16, seed=4)
+
+
+def _module_shape(name: str) -> tuple[int, int]:
+    """(in, out) of a Flux block Linear (diffusers name) at the real widths."""
+    if name.endswith(("norm1.linear", "norm1_context.linear")):
+        return HIDDEN, 6 * HIDDEN
+    if name.endswith("norm.linear"):
+        return HIDDEN, 3 * HIDDEN
+    if name.endswith(("ff.net.0.proj", "ff_context.net.0.proj", "proj_mlp")):
+        return HIDDEN, MLP
+    if name.endswith(("ff.net.2", "ff_context.net.2")):
+        return MLP, HIDDEN
+    if name.endswith("proj_out"):
+        return HIDDEN + MLP, HIDDEN
+    return HIDDEN, HIDDEN
+
+
+def write_basis(path: Path) -> None:
+    """A random basis in the released on-disk format (ai-toolkit attlora keys, fp16) for blocks 0 / 0."""
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(5)
+    tensors = {}
+    for name in released_module_names(depth=1, single_depth=1):
+        fan_in, fan_out = _module_shape(name)
+        prefix = f"transformer.{name}"
+        # scaled so the composed delta changes the weights by some per cent, as a trained LoRA would
+        tensors[f"{prefix}.lora_A"] = torch.randn(NUM_LORAS, fan_in, RANK, generator=generator) / fan_in**0.5
+        tensors[f"{prefix}.lora_B"] = 0.05 * torch.randn(NUM_LORAS, RANK, fan_out, generator=generator)
+        tensors[f"{prefix}.lora_keys"] = torch.randn(NUM_LORAS, KEYS_DIM, generator=generator)
+        tensors[f"{prefix}.att_lora_to_q.weight"] = torch.randn(KEYS_DIM, QUERY_DIM, generator=generator) \
+            / QUERY_DIM**0.5
+    save_file({key: value.half().contiguous() for key, value in tensors.items()}, str(path),
+              metadata={"format": "pt", "lorweb_demo": "random basis"})
+
+
+def write_basis_config(path: Path) -> None:
+    """The ai-toolkit config.yaml saved beside a basis, with the released mixing settings."""
+    import yaml
+
+    document = {"job": "extension", "config": {"name": "lorweb-demo", "process": [
+        {"type": "sd_trainer", "network": {"type": "attlora", "linear": RANK, "linear_alpha": RANK,
+                                            "network_kwargs": RELEASED_NETWORK_KWARGS}}]}}
+    path.write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
+
+
+def demo_shape(kind: str, colour: str, size: int = TILE) -> Image.Image:
+    """A plain shape on white: the demo analogy is 'red circle -> blue circle' applied to a red square."""
+    image = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(image)
+    box = (size // 5, size // 5, size - size // 5, size - size // 5)
+    (draw.ellipse if kind == "circle" else draw.rectangle)(box, fill=colour)
+    return image
+
+
+def write_demo_images(folder: Path) -> dict[str, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    shapes = {"a": ("circle", "red"), "a_prime": ("circle", "blue"), "b": ("square", "red")}
+    paths = {}
+    for role, (kind, colour) in shapes.items():
+        paths[role] = folder / IMAGES[role]
+        if not paths[role].is_file():
+            demo_shape(kind, colour).save(paths[role])
+    return paths

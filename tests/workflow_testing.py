@@ -1,0 +1,41 @@
+"""Shared by the pure and host tests of the example workflows: where they are, what they name, the converter."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT / "scripts") not in sys.path:
+    sys.path.insert(0, str(ROOT / "scripts"))
+
+WORKFLOWS_DIR = ROOT / "example_workflows"
+FORWARD, REVERSE = "lorweb_analogy_flux_kontext", "lorweb_reverse_analogy_flux_kontext"
+WORKFLOWS = sorted(path.stem for path in WORKFLOWS_DIR.glob("*.json"))
+#: every model file the workflows name, and its ComfyUI model folder
+MODEL_FILES = {
+    "lorweb_model.safetensors": "lorweb",
+    "clip-vit-large-patch14.safetensors": "clip_vision",
+    "flux1-dev-kontext_fp8_scaled.safetensors": "diffusion_models",
+    "clip_l.safetensors": "text_encoders",
+    "t5xxl_fp8_e4m3fn_scaled.safetensors": "text_encoders",
+    "ae.safetensors": "vae",
+}
+INPUT_IMAGES = ("lorweb_a.png", "lorweb_a_prime.png", "lorweb_b.png")
+
+# The converter the runner uses (scripts/ is not a package); re-exported for the tests.
+from lorweb_workflow import (  # noqa: E402
+    CONTROL_VALUES,
+    FRONTEND_ONLY_TYPES,
+    input_specs,
+    ui_to_api,
+    widget_slots,
+)
+
+__all__ = ["CONTROL_VALUES", "FORWARD", "FRONTEND_ONLY_TYPES", "INPUT_IMAGES", "MODEL_FILES", "REVERSE", "WORKFLOWS",
+           "WORKFLOWS_DIR", "input_specs", "load_example", "ui_to_api", "widget_slots"]
+
+
+def load_example(name: str) -> dict:
+    return json.loads((WORKFLOWS_DIR / f"{name}.json").read_text(encoding="utf-8"))
