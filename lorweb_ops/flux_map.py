@@ -83,6 +83,22 @@ def flux_target(module: str, in_features: int, out_features: int) -> FluxTarget:
     return FluxTarget(module, f"{bfl_block}.{index}.{bfl_layer}", row_start, out_features, slot is not None)
 
 
+def module_shape(module: str, hidden: int = 3072, mlp: int = 4 * 3072) -> tuple[int, int]:
+    """``(in, out)`` of a Flux block Linear (diffusers name) for a hidden and MLP width (FLUX.1 by default)."""
+    layer = _MODULE_NAME.match(module).group(3) if _MODULE_NAME.match(module) else module
+    if layer in ("norm1.linear", "norm1_context.linear"):
+        return hidden, 6 * hidden
+    if layer == "norm.linear":
+        return hidden, 3 * hidden
+    if layer in ("ff.net.0.proj", "ff_context.net.0.proj", "proj_mlp"):
+        return hidden, mlp
+    if layer in ("ff.net.2", "ff_context.net.2"):
+        return mlp, hidden
+    if layer == "proj_out":
+        return hidden + mlp, hidden
+    return hidden, hidden
+
+
 def released_module_names(depth: int = FLUX_DEPTH, single_depth: int = FLUX_SINGLE_DEPTH) -> list[str]:
     """The 494 module names of the released basis, in block order."""
     names = [f"transformer_blocks.{i}.{layer}" for i in range(depth) for layer in DOUBLE_BLOCK_LAYERS]

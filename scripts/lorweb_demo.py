@@ -29,7 +29,7 @@ if str(REPO_ROOT) not in sys.path:
     # appended, never first: the pack's nodes/ package must not shadow ComfyUI's nodes.py
     sys.path.append(str(REPO_ROOT))
 
-from lorweb_ops.flux_map import released_module_names  # noqa: E402  (plain library, no ComfyUI)
+from lorweb_ops.flux_map import module_shape, released_module_names  # noqa: E402  (plain library, no ComfyUI)
 
 FORMAT = 1  # bump when the files change, so old caches are rebuilt
 HIDDEN, MLP = 3072, 4 * 3072
@@ -180,38 +180,27 @@ def write_vae(path: Path) -> None:
     _save(path, shapes, torch.float16, seed=4)
 
 
-def _module_shape(name: str) -> tuple[int, int]:
-    """(in, out) of a Flux block Linear (diffusers name) at the real widths."""
-    if name.endswith(("norm1.linear", "norm1_context.linear")):
-        return HIDDEN, 6 * HIDDEN
-    if name.endswith("norm.linear"):
-        return HIDDEN, 3 * HIDDEN
-    if name.endswith(("ff.net.0.proj", "ff_context.net.0.proj", "proj_mlp")):
-        return HIDDEN, MLP
-    if name.endswith(("ff.net.2", "ff_context.net.2")):
-        return MLP, HIDDEN
-    if name.endswith("proj_out"):
-        return HIDDEN + MLP, HIDDEN
-    return HIDDEN, HIDDEN
+def write_basis(path: Path, modules: list[str] | None = None, num_loras: int = NUM_LORAS, seed: int = 5) -> Path:
+    """A random basis in the released on-disk format (ai-toolkit attlora keys, fp16) at the real widths.
 
-
-def write_basis(path: Path) -> None:
-    """A random basis in the released on-disk format (ai-toolkit attlora keys, fp16) for blocks 0 / 0."""
+    ``modules``: diffusers module names (default: the 20 of double block 0 and single block 0). Written one
+    module at a time in fp16, so even the full 494-module size needs little more memory than the file.
+    """
     from safetensors.torch import save_file
 
-    generator = torch.Generator().manual_seed(5)
+    generator = torch.Generator().manual_seed(seed)
     tensors = {}
-    for name in released_module_names(depth=1, single_depth=1):
-        fan_in, fan_out = _module_shape(name)
+    for name in modules or released_module_names(depth=1, single_depth=1):
+        fan_in, fan_out = module_shape(name)
         prefix = f"transformer.{name}"
         # scaled so the composed delta changes the weights by some per cent, as a trained LoRA would
-        tensors[f"{prefix}.lora_A"] = torch.randn(NUM_LORAS, fan_in, RANK, generator=generator) / fan_in**0.5
-        tensors[f"{prefix}.lora_B"] = 0.05 * torch.randn(NUM_LORAS, RANK, fan_out, generator=generator)
-        tensors[f"{prefix}.lora_keys"] = torch.randn(NUM_LORAS, KEYS_DIM, generator=generator)
-        tensors[f"{prefix}.att_lora_to_q.weight"] = torch.randn(KEYS_DIM, QUERY_DIM, generator=generator) \
-            / QUERY_DIM**0.5
-    save_file({key: value.half().contiguous() for key, value in tensors.items()}, str(path),
-              metadata={"format": "pt", "lorweb_demo": "random basis"})
+        tensors[f"{prefix}.lora_A"] = (torch.randn(num_loras, fan_in, RANK, generator=generator) / fan_in**0.5).half()
+        tensors[f"{prefix}.lora_B"] = (0.05 * torch.randn(num_loras, RANK, fan_out, generator=generator)).half()
+        tensors[f"{prefix}.lora_keys"] = torch.randn(num_loras, KEYS_DIM, generator=generator).half()
+        tensors[f"{prefix}.att_lora_to_q.weight"] = (torch.randn(KEYS_DIM, QUERY_DIM, generator=generator)
+                                                     / QUERY_DIM**0.5).half()
+    save_file(tensors, str(path), metadata={"format": "pt", "lorweb_demo": "random basis"})
+    return path
 
 
 def write_basis_config(path: Path) -> None:

@@ -32,17 +32,9 @@ def golden_tensors() -> dict[str, torch.Tensor]:
 
 def module_shapes(name: str, hidden: int, mlp: int) -> tuple[int, int]:
     """(in, out) of a Flux block Linear for a given hidden and MLP width."""
-    if name.endswith(("norm1.linear", "norm1_context.linear")):
-        return hidden, 6 * hidden
-    if name.endswith("norm.linear"):
-        return hidden, 3 * hidden
-    if name.endswith(("ff.net.0.proj", "ff_context.net.0.proj", "proj_mlp")):
-        return hidden, mlp
-    if name.endswith(("ff.net.2", "ff_context.net.2")):
-        return mlp, hidden
-    if name.endswith("proj_out"):
-        return hidden + mlp, hidden
-    return hidden, hidden
+    from lorweb_ops.flux_map import module_shape
+
+    return module_shape(name, hidden, mlp)
 
 
 def random_basis_tensors(modules: list[str], *, hidden: int = 8, mlp: int = 32, num_loras: int = 3, rank: int = 2,
