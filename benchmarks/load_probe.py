@@ -11,6 +11,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).absolute().parents[1]))
 
+import torch  # noqa: E402
+
 import lorweb_ops  # noqa: E402
 
 
@@ -19,12 +21,27 @@ def current_rss() -> int:
         return int(statm.read().split()[1]) * resource.getpagesize()
 
 
+def reset_peak_rss() -> None:
+    """Linux: writing 5 to clear_refs resets the peak RSS (VmHWM), so the peak seen next is this load's."""
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+
+
+def peak_rss() -> int:
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024  # kB
+
+
 def main(path: str) -> None:
+    # torch's first operations set up its CPU libraries (a fixed cost, not the load's): do that before measuring
+    torch.isfinite(torch.zeros(64, dtype=torch.float16)).all()
     before = current_rss()
+    reset_peak_rss()
     start = time.perf_counter()
     lorweb_ops.load_basis(path)
     first = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    peak = peak_rss()
     start = time.perf_counter()
     lorweb_ops.load_basis(path)
     cached = time.perf_counter() - start

@@ -67,7 +67,9 @@ def lowrank_factors(module: ModuleBasis, coefficients: torch.Tensor) -> tuple[to
     num_loras, rank, out_features = module.lora_B.shape
     coefficients = _check_coefficients(coefficients, num_loras)
     up = module.lora_B.reshape(num_loras * rank, out_features).t()
-    down = (module.lora_A.float() * coefficients.view(-1, 1, 1)).transpose(1, 2).reshape(num_loras * rank, -1)
+    # one allocation: multiply the transposed view straight into the float32 result (no upcast copy, no temp)
+    down = torch.empty(num_loras * rank, module.in_features, dtype=torch.float32)
+    torch.mul(module.lora_A.transpose(1, 2), coefficients.view(-1, 1, 1), out=down.view(num_loras, rank, -1))
     return up, down
 
 
