@@ -13,6 +13,31 @@ from .patching import check_model_fits, patched_clone
 from .types import CATEGORY, Analogy, Basis, Weights
 
 STRENGTH_LIMIT = 10.0
+CHART_TOOLTIP = ("The mix as a picture: blocks x basis LoRAs heat map, mean weight per basis LoRA, entropy. Save or "
+                 "preview it with the stock image nodes.")
+
+
+def strength_input(tooltip: str) -> io.Float.Input:
+    return io.Float.Input("strength", default=1.0, min=-STRENGTH_LIMIT, max=STRENGTH_LIMIT, step=0.01, tooltip=tooltip)
+
+
+def mix_outputs(weights_tooltip: str) -> list:
+    """The outputs of every node that patches a model with a mix: MODEL, LORWEB_WEIGHTS, chart IMAGE."""
+    return [io.Model.Output(display_name="model", tooltip="A patched copy; the input model is untouched."),
+            Weights.Output(display_name="weights", tooltip=weights_tooltip),
+            io.Image.Output(display_name="chart", tooltip=CHART_TOOLTIP)]
+
+
+def strength_problem(strength) -> str | None:
+    """None when ``strength`` is usable, else the message for the user."""
+    if not isinstance(strength, (int, float)) or not math.isfinite(strength) or abs(strength) > STRENGTH_LIMIT:
+        return f"strength must be a number between -{STRENGTH_LIMIT:g} and {STRENGTH_LIMIT:g}, got {strength!r}."
+    return None
+
+
+def validate_strength(strength) -> bool | str:
+    # None: the value comes through a link and is checked when the node runs
+    return True if strength is None else strength_problem(strength) or True
 
 
 class ApplyBasis(io.ComfyNode):
@@ -28,40 +53,32 @@ class ApplyBasis(io.ComfyNode):
                 io.Model.Input("model", tooltip="The FLUX.1 Kontext [dev] model (UNETLoader, any precision)."),
                 Basis.Input("basis", tooltip="From Load LoRA Basis."),
                 Analogy.Input("analogy", tooltip="From Encode Analogy Pair."),
-                io.Float.Input("strength", default=1.0, min=-STRENGTH_LIMIT, max=STRENGTH_LIMIT, step=0.01,
-                               tooltip="Scale of the composed LoRA. 1.0 is what LoRWeB was trained with; "
-                                       "0 returns the model unchanged."),
+                strength_input("Scale of the composed LoRA. 1.0 is what LoRWeB was trained with; "
+                               "0 returns the model unchanged."),
             ],
-            outputs=[
-                io.Model.Output(display_name="model", tooltip="A patched copy; the input model is untouched."),
-                Weights.Output(display_name="weights",
-                               tooltip="The per-layer coefficients that were applied (for charts, export, blends)."),
-                io.Image.Output(display_name="chart",
-                                tooltip="The mix as a picture: blocks x basis LoRAs heat map, mean weight per basis "
-                                        "LoRA, entropy. Save or preview it with the stock image nodes."),
-            ],
+            outputs=mix_outputs("The per-layer coefficients that were applied (for charts, export, blends)."),
         )
 
     @classmethod
     def validate_inputs(cls, strength: float | None = None) -> bool | str:
-        if strength is None:  # linked from another node: checked when it arrives
-            return True
-        if not isinstance(strength, (int, float)) or not math.isfinite(strength) or abs(strength) > STRENGTH_LIMIT:
-            return f"strength must be a number between -{STRENGTH_LIMIT:g} and {STRENGTH_LIMIT:g}, got {strength!r}."
-        return True
+        return validate_strength(strength)
 
     @classmethod
     def execute(cls, model, basis, analogy, strength: float) -> io.NodeOutput:
-        if (problem := cls.validate_inputs(strength)) is not True:
-            raise LoRWeBError(problem)
         check_analogy_fits(analogy, basis.settings, basis.query_dim)
         coefficients = mixing_coefficients(basis, analogy.query)
-        weights = MixWeights(basis.path, basis.modules, coefficients, float(strength))
-        if strength == 0:
-            return mix_output(model, weights)
-        patches = composed_patches(basis, coefficients)
-        check_model_fits(model, patches, basis.path)
-        return mix_output(patched_clone(model, patches, float(strength)), weights)
+        return apply_mix(model, basis, MixWeights(basis.path, basis.modules, coefficients, float(strength)))
+
+
+def apply_mix(model, basis, weights: MixWeights) -> io.NodeOutput:
+    """Patch a clone of ``model`` with ``weights`` at their strength; everything is checked before the clone."""
+    if (problem := strength_problem(weights.strength)) is not None:
+        raise LoRWeBError(problem)
+    if weights.strength == 0:
+        return mix_output(model, weights)
+    patches = composed_patches(basis, weights.coefficients)
+    check_model_fits(model, patches, basis.path)
+    return mix_output(patched_clone(model, patches, weights.strength), weights)
 
 
 def mix_output(model, weights: MixWeights) -> io.NodeOutput:

@@ -6,17 +6,10 @@ import math
 
 from comfy_api.latest import io
 
-from ..lorweb_ops import LoRWeBError, MixWeights, composed_patches
+from ..lorweb_ops import MixWeights
 from ..lorweb_ops.adjust import OVERRIDE_EXAMPLE, adjust_mix, blend_weights, check_weights_fit, parse_overrides
-from .apply_nodes import STRENGTH_LIMIT, mix_output
-from .patching import check_model_fits, patched_clone
+from .apply_nodes import apply_mix, mix_outputs, strength_input, validate_strength
 from .types import CATEGORY, Basis, Weights
-
-
-def strength_problem(strength) -> str | None:
-    if not isinstance(strength, (int, float)) or not math.isfinite(strength) or abs(strength) > STRENGTH_LIMIT:
-        return f"strength must be a number between -{STRENGTH_LIMIT:g} and {STRENGTH_LIMIT:g}, got {strength!r}."
-    return None
 
 
 class BlendAnalogies(io.ComfyNode):
@@ -109,34 +102,17 @@ class ApplyWeights(io.ComfyNode):
                 io.Model.Input("model", tooltip="The FLUX.1 Kontext [dev] model (UNETLoader, any precision)."),
                 Basis.Input("basis", tooltip="From Load LoRA Basis: the basis the weights were made with."),
                 Weights.Input("weights", tooltip="From an Apply node, Blend Analogies or Adjust Mix."),
-                io.Float.Input("strength", default=1.0, min=-STRENGTH_LIMIT, max=STRENGTH_LIMIT, step=0.01,
-                               tooltip="Scale of the composed LoRA; it replaces the strength stored in the weights. "
-                                       "1.0 is what LoRWeB was trained with; 0 returns the model unchanged."),
+                strength_input("Scale of the composed LoRA; it replaces the strength stored in the weights. "
+                               "1.0 is what LoRWeB was trained with; 0 returns the model unchanged."),
             ],
-            outputs=[
-                io.Model.Output(display_name="model", tooltip="A patched copy; the input model is untouched."),
-                Weights.Output(display_name="weights",
-                               tooltip="The weights that were applied, with this strength (for charts, export)."),
-                io.Image.Output(display_name="chart",
-                                tooltip="The mix as a picture: blocks x basis LoRAs heat map, mean weight per basis "
-                                        "LoRA, entropy. Save or preview it with the stock image nodes."),
-            ],
+            outputs=mix_outputs("The weights that were applied, with this strength (for charts, export)."),
         )
 
     @classmethod
-    def validate_inputs(cls, strength: float | None) -> bool | str:
-        # None: the value comes through a link and is checked when the node runs
-        return True if strength is None else strength_problem(strength) or True
+    def validate_inputs(cls, strength: float | None = None) -> bool | str:
+        return validate_strength(strength)
 
     @classmethod
     def execute(cls, model, basis, weights: MixWeights, strength: float) -> io.NodeOutput:
-        problem = strength_problem(strength)
-        if problem:
-            raise LoRWeBError(problem)
         check_weights_fit(basis, weights)  # before anything is computed or patched
-        applied = MixWeights(basis.path, basis.modules, weights.coefficients, float(strength))
-        if strength == 0:
-            return mix_output(model, applied)
-        patches = composed_patches(basis, applied.coefficients)
-        check_model_fits(model, patches, basis.path)
-        return mix_output(patched_clone(model, patches, float(strength)), applied)
+        return apply_mix(model, basis, MixWeights(basis.path, basis.modules, weights.coefficients, float(strength)))
