@@ -98,8 +98,7 @@ class TinyClipVisionLoader:
             # layer whose output projections are zero adds nothing to the residual stream: same embeddings.
             state.update(_identity_clip_layer(state, config["num_hidden_layers"]))
             config["num_hidden_layers"] += 1
-        config_path = _write_temp_json(config)
-        clip_vision = comfy.clip_vision.ClipVisionModel(config_path)
+        clip_vision = _clip_vision_from_config(config)
         missing, unexpected = clip_vision.load_sd(state)
         assert not missing and not unexpected, (missing, unexpected)
         return (clip_vision,)
@@ -117,13 +116,16 @@ def _identity_clip_layer(state: dict, index: int) -> dict:
     return layer
 
 
-def _write_temp_json(config: dict) -> str:
+def _clip_vision_from_config(config: dict):
+    """ClipVisionModel reads its config from a json file once, in its constructor: write it to a folder that is
+    removed right after."""
     import tempfile
 
-    handle = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False)
-    with handle:
-        json.dump(config, handle)
-    return handle.name
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "config.json")
+        with open(path, "w") as handle:
+            json.dump(config, handle)
+        return comfy.clip_vision.ClipVisionModel(path)
 
 
 class AnalogyFromQuery:
