@@ -46,11 +46,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--single-blocks", type=int, default=2, help="Flux single blocks (real width)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (median)")
     parser.add_argument("--sample-steps", type=int, default=3)
-    parser.add_argument("--full-basis", action="store_true",
-                        help="basis-load section on the full released size (494 modules, ~1.7 GB); default: the "
-                             "modules of the benchmark's blocks")
-    parser.add_argument("--only", nargs="*", help="sections to run in this process (apply encode_pack encode_stock "
-                                                  "load sample scale memory); default: each in its own process")
+    parser.add_argument(
+        "--full-basis",
+        action="store_true",
+        help="basis-load section on the full released size (494 modules, ~1.7 GB); default: the "
+        "modules of the benchmark's blocks",
+    )
+    parser.add_argument(
+        "--only",
+        nargs="*",
+        help="sections to run in this process (apply encode_pack encode_stock "
+        "load sample scale memory); default: each in its own process",
+    )
     parser.add_argument("--sections", nargs="*", help="run only these sections (each in its own process)")
     parser.add_argument("--json", type=Path, help="write the results here")
     return parser.parse_args(argv)
@@ -79,6 +86,7 @@ def _synchronize() -> None:
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
+
 
 def start(args) -> None:
     from run_analogy import load_nodes, start_comfyui
@@ -149,6 +157,7 @@ def random_analogy(seed: int):
 
 # -------------------------------------------------------------------------------------------------- sections
 
+
 def bench_apply(args, work: Path, model, results: dict) -> None:
     import comfy.model_management as mm
 
@@ -192,7 +201,9 @@ def bench_apply(args, work: Path, model, results: dict) -> None:
     }
     unload()
     results["apply"] = {
-        "seconds": timings, "targets": len(modules), "rank": NUM_LORAS * RANK,
+        "seconds": timings,
+        "targets": len(modules),
+        "rank": NUM_LORAS * RANK,
         "ratio_first_vs_stock": timings["pack_first_analogy"] / timings["stock_lora_loader"],
         "ratio_new_vs_stock": timings["pack_new_analogy"] / timings["stock_lora_loader"],
         "own_work_vs_patching": timings["pack_own_work"] / timings["comfyui_weight_patching"],
@@ -252,19 +263,34 @@ def bench_load(args, work: Path, results: dict) -> None:
     """Basis load in a fresh process per repeat (first load from a warm page cache, then a cached load)."""
     import lorweb_ops.flux_map as flux_map
 
-    modules = flux_map.released_module_names() if args.full_basis \
-        else module_names(args.double_blocks, args.single_blocks)
+    modules = (
+        flux_map.released_module_names() if args.full_basis else module_names(args.double_blocks, args.single_blocks)
+    )
     path = write_basis(work / "load_basis.safetensors", modules)
     size = path.stat().st_size
-    runs = [json.loads(subprocess.run([sys.executable, str(BENCH_DIR / "load_probe.py"), str(path)],
-                                      capture_output=True, text=True, check=True).stdout)
-            for _ in range(max(3, args.repeats // 2))]
+    runs = [
+        json.loads(
+            subprocess.run(
+                [sys.executable, str(BENCH_DIR / "load_probe.py"), str(path)],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        )
+        for _ in range(max(3, args.repeats // 2))
+    ]
     first = statistics.median(r["first_seconds"] for r in runs)
     cached = statistics.median(r["cached_seconds"] for r in runs)
     peak = statistics.median(r["peak_rss_increase"] for r in runs)
-    results["load"] = {"file_bytes": size, "modules": len(modules), "first_seconds": first, "cached_seconds": cached,
-                       "peak_rss_increase_bytes": peak, "peak_rss_vs_file": peak / size,
-                       "cached_vs_first": cached / first}
+    results["load"] = {
+        "file_bytes": size,
+        "modules": len(modules),
+        "first_seconds": first,
+        "cached_seconds": cached,
+        "peak_rss_increase_bytes": peak,
+        "peak_rss_vs_file": peak / size,
+        "cached_vs_first": cached / first,
+    }
 
 
 def bench_sample(args, work: Path, model, results: dict) -> None:
@@ -286,15 +312,24 @@ def bench_sample(args, work: Path, model, results: dict) -> None:
     generator = torch.Generator().manual_seed(0)
     latent = torch.randn(1, 16, 32, 32, generator=generator)
     context = torch.randn(1, 16, 4096, generator=generator)
-    positive = [[context, {"pooled_output": torch.randn(1, 768, generator=generator), "guidance": 2.5,
-                           "reference_latents": [latent.clone()]}]]
+    positive = [
+        [
+            context,
+            {
+                "pooled_output": torch.randn(1, 768, generator=generator),
+                "guidance": 2.5,
+                "reference_latents": [latent.clone()],
+            },
+        ]
+    ]
     negative = [[torch.zeros_like(context), {"pooled_output": torch.zeros(1, 768), "guidance": 2.5}]]
     noise = torch.randn(latent.shape, generator=generator)
     steps = args.sample_steps
 
     def sample(patched):
-        comfy.sample.sample(patched, noise, steps, 1.0, "euler", "simple", positive, negative, latent,
-                            disable_pbar=True, seed=0)
+        comfy.sample.sample(
+            patched, noise, steps, 1.0, "euler", "simple", positive, negative, latent, disable_pbar=True, seed=0
+        )
 
     per_step = {}
     for name, patched in variants.items():
@@ -302,8 +337,12 @@ def bench_sample(args, work: Path, model, results: dict) -> None:
         mm.load_models_gpu([patched])
         per_step[name] = median_seconds(lambda p=patched: sample(p), args.repeats) / steps
     mm.unload_all_models()
-    results["sample"] = {"seconds_per_step": per_step, "latent": [32, 32], "steps": steps,
-                         "ratio_analogy_vs_lora": per_step["analogy"] / per_step["ordinary_lora"]}
+    results["sample"] = {
+        "seconds_per_step": per_step,
+        "latent": [32, 32],
+        "steps": steps,
+        "ratio_analogy_vs_lora": per_step["analogy"] / per_step["ordinary_lora"],
+    }
 
 
 def bench_scale(args, work: Path, results: dict) -> None:
@@ -314,13 +353,18 @@ def bench_scale(args, work: Path, results: dict) -> None:
 
     def own_work_seconds(basis) -> float:
         query = random_analogy(3).query
-        return median_seconds(lambda: lorweb_ops.composed_patches(
-            basis, lorweb_ops.mixing_coefficients(basis, query)), args.repeats)
+        return median_seconds(
+            lambda: lorweb_ops.composed_patches(basis, lorweb_ops.mixing_coefficients(basis, query)), args.repeats
+        )
 
     def flops(basis) -> float:
         # per module: the query projection (Dk x Dq), the key scores (K x Dk), folding c into down (K*r*in)
-        per = [2 * basis.keys_dim * basis.query_dim + 2 * basis.num_loras * basis.keys_dim
-               + basis.num_loras * basis.rank * basis.weights[m].in_features for m in basis.modules]
+        per = [
+            2 * basis.keys_dim * basis.query_dim
+            + 2 * basis.num_loras * basis.keys_dim
+            + basis.num_loras * basis.rank * basis.weights[m].in_features
+            for m in basis.modules
+        ]
         return float(sum(per))
 
     by_k = {}
@@ -336,8 +380,13 @@ def bench_scale(args, work: Path, results: dict) -> None:
         by_layers[len(basis.modules)] = {"seconds": seconds, "gflop_per_s": flops(basis) / seconds / 1e9}
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     matmul = 2 * 2048**3 / median_seconds(lambda: a @ b, args.repeats) / 1e9
-    results["scale"] = {"by_num_loras": by_k, "by_layers": by_layers, "matmul_gflop_per_s": matmul,
-                        "k_linearity": _slope_ratio(by_k), "layer_linearity": _slope_ratio(by_layers)}
+    results["scale"] = {
+        "by_num_loras": by_k,
+        "by_layers": by_layers,
+        "matmul_gflop_per_s": matmul,
+        "k_linearity": _slope_ratio(by_k),
+        "layer_linearity": _slope_ratio(by_layers),
+    }
 
 
 def _slope_ratio(series: dict) -> float:
@@ -358,9 +407,15 @@ def bench_memory(args, work: Path, model, results: dict) -> None:
     coefficients = lorweb_ops.mixing_coefficients(basis, random_analogy(1).query)
     patches = lorweb_ops.composed_patches(basis, coefficients)
     # ``up`` is a view of the basis: only ``down`` is new per analogy
-    held = sum(p.down.numel() + (p.up.numel() if p.up.untyped_storage().data_ptr()
-                                 != basis.weights[p.target.module].lora_B.untyped_storage().data_ptr() else 0)
-               for p in patches)
+    held = sum(
+        p.down.numel()
+        + (
+            p.up.numel()
+            if p.up.untyped_storage().data_ptr() != basis.weights[p.target.module].lora_B.untyped_storage().data_ptr()
+            else 0
+        )
+        for p in patches
+    )
     bound = sum(NUM_LORAS * RANK * (p.down.shape[1] + p.up.shape[0]) for p in patches)
     apply = nodes.NODE_CLASS_MAPPINGS["LoRWeB_ApplyBasis"]
     process = psutil.Process()
@@ -372,8 +427,12 @@ def bench_memory(args, work: Path, model, results: dict) -> None:
         del patched
         gc.collect()
         rss.append(process.memory_info().rss)
-    results["memory"] = {"numbers_held_per_analogy": held, "bound_kr_in_plus_out": bound,
-                         "held_vs_bound": held / bound, "rss_growth_runs_5_to_20": (rss[-1] - rss[4]) / rss[4]}
+    results["memory"] = {
+        "numbers_held_per_analogy": held,
+        "bound_kr_in_plus_out": bound,
+        "held_vs_bound": held / bound,
+        "rss_growth_runs_5_to_20": (rss[-1] - rss[4]) / rss[4],
+    }
 
 
 # ---------------------------------------------------------------------------------------------------- report
@@ -425,8 +484,15 @@ def run_sections_apart(sections, argv: list[str]) -> dict:
     with tempfile.TemporaryDirectory(prefix="lorweb-bench-") as folder:
         for name in sections:
             out = Path(folder) / f"{name}.json"
-            command = [sys.executable, str(Path(__file__).absolute()), *_without_options(argv), "--only", name,
-                       "--json", str(out)]
+            command = [
+                sys.executable,
+                str(Path(__file__).absolute()),
+                *_without_options(argv),
+                "--only",
+                name,
+                "--json",
+                str(out),
+            ]
             subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
             _merge(results, json.loads(out.read_text()))
     encode = results.get("encode", {}).get("seconds", {})
@@ -456,8 +522,13 @@ def _without_options(argv: list[str], options=("--json", "--sections")) -> list[
 
 def run_sections(args, sections: set[str]) -> dict:
     start(args)
-    results: dict = {"device": args.device, "double_blocks": args.double_blocks, "single_blocks": args.single_blocks,
-                     "repeats": args.repeats, "torch_threads": _threads()}
+    results: dict = {
+        "device": args.device,
+        "double_blocks": args.double_blocks,
+        "single_blocks": args.single_blocks,
+        "repeats": args.repeats,
+        "torch_threads": _threads(),
+    }
     with tempfile.TemporaryDirectory(prefix="lorweb-bench-") as folder:
         work = Path(folder)
         needs_model = sections & {"apply", "sample", "memory"}

@@ -38,9 +38,13 @@ def check_weights_fit(basis: LoraBasis, weights: MixWeights) -> None:
     if tuple(weights.modules) != tuple(basis.modules):
         missing = [m for m in basis.modules if m not in set(weights.modules)]
         extra = [m for m in weights.modules if m not in set(basis.modules)]
-        detail = "; ".join(
-            [f"{len(missing)} of the basis' modules are missing (e.g. {missing[:2]})"] * bool(missing)
-            + [f"{len(extra)} are not in the basis (e.g. {extra[:2]})"] * bool(extra)) or "they are in another order"
+        detail = (
+            "; ".join(
+                [f"{len(missing)} of the basis' modules are missing (e.g. {missing[:2]})"] * bool(missing)
+                + [f"{len(extra)} are not in the basis (e.g. {extra[:2]})"] * bool(extra)
+            )
+            or "they are in another order"
+        )
         raise LoRWeBError(
             f"these weights cover {len(weights.modules)} modules of {weights_file} but the basis {basis_file} has "
             f"{len(basis.modules)}: {detail}. Weights only fit the basis they were made with: connect the same "
@@ -69,7 +73,8 @@ def check_same_basis(first: MixWeights, second: MixWeights) -> None:
             "nodes from the same Load LoRA Basis."
         )
     if tuple(first.modules) != tuple(second.modules) or any(
-            first.coefficients[m].shape != second.coefficients[m].shape for m in first.modules):
+        first.coefficients[m].shape != second.coefficients[m].shape for m in first.modules
+    ):
         raise LoRWeBError(
             f"weights_1 and weights_2 both name the basis {name_1} but cover different modules "
             f"({len(first.modules)} vs {len(second.modules)}) or LoRA counts; the file changed between the two "
@@ -118,7 +123,8 @@ def _override_index(text: str) -> int:
     if not text.isdigit():
         raise LoRWeBError(
             f"override index {text!r} is not a whole number >= 0; basis LoRAs are numbered from 0 as in the mix "
-            f"chart ({OVERRIDE_EXAMPLE}).")
+            f"chart ({OVERRIDE_EXAMPLE})."
+        )
     return int(text)
 
 
@@ -126,15 +132,17 @@ def _override_value(index: str, text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise LoRWeBError(f"override weight {text!r} for basis LoRA {index} is not a number ({OVERRIDE_EXAMPLE}).") \
-            from None
+        raise LoRWeBError(
+            f"override weight {text!r} for basis LoRA {index} is not a number ({OVERRIDE_EXAMPLE})."
+        ) from None
     if not math.isfinite(value):
         raise LoRWeBError(f"override weight for basis LoRA {index} must be a finite number, got {text!r}.")
     return value
 
 
-def adjust_mix(weights: MixWeights, temperature: float = 1.0, top_k: int = 0,
-               overrides: Mapping[int, float] | None = None) -> MixWeights:
+def adjust_mix(
+    weights: MixWeights, temperature: float = 1.0, top_k: int = 0, overrides: Mapping[int, float] | None = None
+) -> MixWeights:
     """Temperature, overrides and top-k on every layer (see the module docstring); defaults change nothing."""
     overrides = dict(overrides or {})
     _check_adjustments(weights, temperature, top_k, overrides)
@@ -146,9 +154,12 @@ def adjust_mix(weights: MixWeights, temperature: float = 1.0, top_k: int = 0,
     if probability and any(v < 0 for v in overrides.values()):
         raise LoRWeBError(
             "this mix is a softmax mix (non-negative weights summing to 1 per layer); negative override weights "
-            "would leave the domain LoRWeB was trained on and cannot be renormalised. Use weights >= 0.")
-    coefficients = {m: _adjust_layer(m, weights.coefficients[m], temperature, top_k, overrides, probability)
-                    for m in weights.modules}
+            "would leave the domain LoRWeB was trained on and cannot be renormalised. Use weights >= 0."
+        )
+    coefficients = {
+        m: _adjust_layer(m, weights.coefficients[m], temperature, top_k, overrides, probability)
+        for m in weights.modules
+    }
     return MixWeights(weights.basis_path, tuple(weights.modules), MappingProxyType(coefficients), weights.strength)
 
 
@@ -162,16 +173,21 @@ def _check_adjustments(weights: MixWeights, temperature: float, top_k: int, over
     if outside:
         raise LoRWeBError(
             f"override names basis LoRA {outside[0]} but the basis has {num_loras} LoRAs, numbered 0 to "
-            f"{num_loras - 1}.")
+            f"{num_loras - 1}."
+        )
 
 
-def _adjust_layer(module: str, c: torch.Tensor, temperature: float, top_k: int, overrides: dict[int, float],
-                  probability: bool) -> torch.Tensor:
+def _adjust_layer(
+    module: str, c: torch.Tensor, temperature: float, top_k: int, overrides: dict[int, float], probability: bool
+) -> torch.Tensor:
     c = c.to(torch.float32)
     if temperature != 1.0:
         # softmax(log c / T): zero weights stay zero (log 0 = -inf)
-        c = torch.softmax(c.clamp_min(0).log() / temperature, dim=0) if probability \
+        c = (
+            torch.softmax(c.clamp_min(0).log() / temperature, dim=0)
+            if probability
             else c.sign() * c.abs().pow(1.0 / temperature)
+        )
     if overrides:
         c = c.clone()
         for index, value in overrides.items():
@@ -186,6 +202,7 @@ def _adjust_layer(module: str, c: torch.Tensor, temperature: float, top_k: int, 
         if not total > 0:
             raise LoRWeBError(
                 f"after the adjustments every weight of layer {module} is 0, so the mix cannot be renormalised. "
-                "Keep more basis LoRAs (top_k) or give an override a weight > 0.")
+                "Keep more basis LoRAs (top_k) or give an override a weight > 0."
+            )
         c = c / total
     return c

@@ -25,7 +25,7 @@ EmbedFn = Callable[[torch.Tensor], torch.Tensor]
 class Analogy:
     """What the images say: one query for one (a, a', b), and how it was made."""
 
-    query: torch.Tensor                      # [1, query_dim], float32
+    query: torch.Tensor  # [1, query_dim], float32
     query_mode: str
     embeddings: Mapping[str, torch.Tensor] = field(repr=False)  # encoded image name -> [d]
     encoder: str = "unknown"
@@ -68,8 +68,16 @@ def combine_embeddings(mode: str, embeddings: Mapping[str, torch.Tensor]) -> tor
     return query.reshape(1, -1)
 
 
-def encode_analogy(a: Image.Image, a_prime: Image.Image, b: Image.Image, embed: EmbedFn, *,
-                   query_mode: str = "cat-aa'b", image_size: int = 224, encoder: str = "unknown") -> Analogy:
+def encode_analogy(
+    a: Image.Image,
+    a_prime: Image.Image,
+    b: Image.Image,
+    embed: EmbedFn,
+    *,
+    query_mode: str = "cat-aa'b",
+    image_size: int = 224,
+    encoder: str = "unknown",
+) -> Analogy:
     """Encode one analogy: resize/crop each encoder image with PIL, embed them in one batch, combine."""
     check_query_mode(query_mode, "query_mode")
     images = encoder_images(a, a_prime, b, query_mode)

@@ -32,10 +32,10 @@ _ORDINARY_LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_down.weigh
 class ModuleBasis:
     """The K basis LoRAs of one module, as stored (file dtype)."""
 
-    lora_A: torch.Tensor            # [K, in, r]
-    lora_B: torch.Tensor            # [K, r, out]
-    lora_keys: torch.Tensor         # [K, keys_dim]
-    to_q: torch.Tensor | None       # [keys_dim, query_dim], None without a query projection
+    lora_A: torch.Tensor  # [K, in, r]
+    lora_B: torch.Tensor  # [K, r, out]
+    lora_keys: torch.Tensor  # [K, keys_dim]
+    to_q: torch.Tensor | None  # [keys_dim, query_dim], None without a query projection
 
     @property
     def in_features(self) -> int:
@@ -51,7 +51,7 @@ class LoraBasis:
     """A loaded LoRWeB basis. Immutable and shared: never modify its tensors."""
 
     path: str
-    modules: tuple[str, ...]        # diffusers names without the "transformer." prefix, file order
+    modules: tuple[str, ...]  # diffusers names without the "transformer." prefix, file order
     num_loras: int
     rank: int
     keys_dim: int
@@ -70,8 +70,9 @@ class LoraBasis:
 
     @property
     def num_parameters(self) -> int:
-        return sum(t.numel() for m in self.weights.values() for t in (m.lora_A, m.lora_B, m.lora_keys, m.to_q)
-                   if t is not None)
+        return sum(
+            t.numel() for m in self.weights.values() for t in (m.lora_A, m.lora_B, m.lora_keys, m.to_q) if t is not None
+        )
 
     def summary(self) -> dict:
         """JSON-ready facts for the node UI. Metadata strings come from the file: show them as text, never HTML."""
@@ -186,7 +187,7 @@ def _group_keys(names: list[str], path: str) -> dict[str, dict[str, str]]:
     grouped: dict[str, dict[str, str]] = {}
     unknown = []
     for name in names:
-        stripped = name[len("transformer."):] if name.startswith("transformer.") else name
+        stripped = name[len("transformer.") :] if name.startswith("transformer.") else name
         part = next((p for p in _PARTS if stripped.endswith("." + p)), None)
         module = stripped[: -len(part) - 1] if part else None
         if part is None or not is_flux_module(module):
@@ -228,9 +229,7 @@ def _check_tensor(module: str, part: str, tensor: torch.Tensor, path: str) -> No
             "This is not a LoRWeB basis in the ai-toolkit attlora layout."
         )
     if tensor.dtype not in SUPPORTED_DTYPES:
-        raise LoRWeBError(
-            f"{file}: {module}.{part} is {tensor.dtype}; a basis must be float16, bfloat16 or float32."
-        )
+        raise LoRWeBError(f"{file}: {module}.{part} is {tensor.dtype}; a basis must be float16, bfloat16 or float32.")
     if not torch.isfinite(tensor).all():
         raise LoRWeBError(
             f"{file}: {module}.{part} contains NaN or Inf values; the basis is corrupted. Download it again."
@@ -268,8 +267,7 @@ def _signature(basis: ModuleBasis) -> tuple:
     return basis.lora_A.shape[0], basis.lora_A.shape[2], basis.lora_keys.shape[1], query
 
 
-def _check_settings_fit(settings: BasisSettings, keys_dim: int, weights: Mapping[str, ModuleBasis],
-                        path: str) -> None:
+def _check_settings_fit(settings: BasisSettings, keys_dim: int, weights: Mapping[str, ModuleBasis], path: str) -> None:
     file = os.path.basename(path)
     has_projection = next(iter(weights.values())).to_q is not None
     if keys_dim % settings.lora_heads:

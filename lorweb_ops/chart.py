@@ -17,8 +17,9 @@ from .mixing import MixWeights
 
 _BLOCK = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.")
 # viridis at 6 anchors, interpolated: perceptually even, readable for colour-blind users
-_VIRIDIS = np.array([[68, 1, 84], [65, 68, 135], [42, 120, 142], [34, 168, 132], [122, 209, 81], [253, 231, 37]],
-                    dtype=np.float32)
+_VIRIDIS = np.array(
+    [[68, 1, 84], [65, 68, 135], [42, 120, 142], [34, 168, 132], [122, 209, 81], [253, 231, 37]], dtype=np.float32
+)
 
 
 def block_of(module: str) -> tuple[int, int]:
@@ -97,22 +98,34 @@ def render_mix_chart(weights: MixWeights, width: int = 768, height: int = 512) -
     heat = _colours(magnitude / (magnitude.max() or 1.0))
     heat_image = Image.fromarray(heat, "RGB").resize((heat_width, heat_height), Image.NEAREST)
     image.paste(heat_image, (left, top))
-    draw.text((left, 8), f"{len(weights.modules)} layers x {matrix.shape[1]} basis LoRAs (mean |c| per block)",
-              fill=(230, 230, 230), font=summary_font)
+    draw.text(
+        (left, 8),
+        f"{len(weights.modules)} layers x {matrix.shape[1]} basis LoRAs (mean |c| per block)",
+        fill=(230, 230, 230),
+        font=summary_font,
+    )
     row_height = heat_height / len(labels)
     step = max(1, math.ceil(12 / row_height))
     for row in range(0, len(labels), step):
         draw.text((4, top + row * row_height), labels[row], fill=(180, 180, 180), font=summary_font)
-    draw.text((left, top + heat_height + 4), "basis LoRA 0 ... " + str(matrix.shape[1] - 1), fill=(180, 180, 180),
-              font=summary_font)
+    draw.text(
+        (left, top + heat_height + 4),
+        "basis LoRA 0 ... " + str(matrix.shape[1] - 1),
+        fill=(180, 180, 180),
+        font=summary_font,
+    )
 
     _draw_bars(draw, weights, (width // 2 + 16, top, width - 16, top + heat_height // 2), summary_font)
     entropy, fraction = mix_entropy(weights)
-    lines = [f"entropy {entropy:.3f} nats ({100 * fraction:.0f}% of uniform)", f"strength {weights.strength:g}",
-             "dominant: " + ", ".join(f"#{i} {v:.3f}" for i, v in dominant_loras(weights, 5))]
+    lines = [
+        f"entropy {entropy:.3f} nats ({100 * fraction:.0f}% of uniform)",
+        f"strength {weights.strength:g}",
+        "dominant: " + ", ".join(f"#{i} {v:.3f}" for i, v in dominant_loras(weights, 5)),
+    ]
     for number, line in enumerate(lines):
-        draw.text((width // 2 + 16, top + heat_height // 2 + 24 + 16 * number), line, fill=(230, 230, 230),
-                  font=summary_font)
+        draw.text(
+            (width // 2 + 16, top + heat_height // 2 + 24 + 16 * number), line, fill=(230, 230, 230), font=summary_font
+        )
     return image
 
 
@@ -128,6 +141,8 @@ def _draw_bars(draw: ImageDraw.ImageDraw, weights: MixWeights, box: tuple[int, i
     for index, value in enumerate(means):
         bar_top = baseline - (value / peak) * (baseline - y0)
         left = x0 + index * bar_width
-        draw.rectangle([left, min(bar_top, baseline), left + max(bar_width - 1, 1), max(bar_top, baseline)],
-                       fill=tuple(int(c) for c in colours[index]))
+        draw.rectangle(
+            [left, min(bar_top, baseline), left + max(bar_width - 1, 1), max(bar_top, baseline)],
+            fill=tuple(int(c) for c in colours[index]),
+        )
     draw.line([x0, baseline, x1, baseline], fill=(120, 120, 120))

@@ -18,13 +18,13 @@ from .errors import LoRWeBError
 
 #: Query modes built from an external image encoder, and how many embeddings each concatenates.
 QUERY_MODE_EMBEDDINGS = {
-    "cat-aa'b": 3,   # [E(a) | E(a') | E(b)] -- the released model
-    "ca'-ca": 1,     # E(a') - E(a)
+    "cat-aa'b": 3,  # [E(a) | E(a') | E(b)] -- the released model
+    "ca'-ca": 1,  # E(a') - E(a)
     "ca'-ca+cb": 1,  # E(a') - E(a) + E(b)
-    "aa'bb'": 1,     # E(whole grid)
-    "caa'bb'": 1,    # E(whole grid)
-    "caa'b": 1,      # E(grid with the bottom-right quadrant black)
-    "caa'": 1,       # E(top half of the grid: a | a')
+    "aa'bb'": 1,  # E(whole grid)
+    "caa'bb'": 1,  # E(whole grid)
+    "caa'b": 1,  # E(grid with the bottom-right quadrant black)
+    "caa'": 1,  # E(top half of the grid: a | a')
 }
 #: Modes that use encoder token features; the reference's layer cannot consume them.
 TOKEN_FEATURE_MODES = ("paa'b", "paa'b3", "cat-paa'b", "cat-paa'b3")
@@ -131,11 +131,17 @@ def settings_from_kwargs(kwargs: Mapping, source: str) -> BasisSettings:
         lora_heads=_check_heads(values.get("lora_heads", RELEASED_SETTINGS.lora_heads), source),
         lora_softmax=_as_bool(values.get("lora_softmax", RELEASED_SETTINGS.lora_softmax), "lora_softmax", source),
         mixing_coeffs_type=_check_choice(
-            values.get("mixing_coeffs_type", RELEASED_SETTINGS.mixing_coeffs_type), MIXING_TYPES,
-            "mixing_coeffs_type", source),
+            values.get("mixing_coeffs_type", RELEASED_SETTINGS.mixing_coeffs_type),
+            MIXING_TYPES,
+            "mixing_coeffs_type",
+            source,
+        ),
         query_projection_type=_check_choice(
-            values.get("query_projection_type", RELEASED_SETTINGS.query_projection_type), PROJECTION_TYPES,
-            "query_projection_type", source),
+            values.get("query_projection_type", RELEASED_SETTINGS.query_projection_type),
+            PROJECTION_TYPES,
+            "query_projection_type",
+            source,
+        ),
         external_query_model=str(values.get("external_query_model", RELEASED_SETTINGS.external_query_model)),
     )
     return settings
@@ -148,7 +154,8 @@ def check_query_mode(mode: str, source: str) -> str:
         raise LoRWeBError(
             f"{source}: query_mode {mode!r} uses encoder token features; the reference implementation cannot "
             "apply it either (its query size does not fit the layer). Supported modes: "
-            + ", ".join(QUERY_MODE_EMBEDDINGS) + "."
+            + ", ".join(QUERY_MODE_EMBEDDINGS)
+            + "."
         )
     raise LoRWeBError(
         f"{source}: unknown query_mode {mode!r}. Supported modes: " + ", ".join(QUERY_MODE_EMBEDDINGS) + "."

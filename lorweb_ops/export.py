@@ -26,9 +26,11 @@ from .errors import LoRWeBError
 from .mixing import MixWeights, lowrank_factors
 
 EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-LICENCE = ("The released LoRWeB basis (hilamanor/lorweb) is under NVIDIA's non-commercial licence (research and "
-           "non-commercial use only); a LoRA composed from it is a derivative of it and carries the same licence. "
-           "FLUX.1 Kontext [dev] has its own non-commercial licence.")
+LICENCE = (
+    "The released LoRWeB basis (hilamanor/lorweb) is under NVIDIA's non-commercial licence (research and "
+    "non-commercial use only); a LoRA composed from it is a derivative of it and carries the same licence. "
+    "FLUX.1 Kontext [dev] has its own non-commercial licence."
+)
 
 
 @dataclass(frozen=True)
@@ -37,8 +39,8 @@ class ExportedLora:
 
     tensors: Mapping[str, torch.Tensor]
     metadata: Mapping[str, str]
-    ranks: Mapping[str, int]       # module -> rank written
-    energy: Mapping[str, float]    # module -> kept sum(sigma^2) / total sum(sigma^2); 1.0 when exact
+    ranks: Mapping[str, int]  # module -> rank written
+    energy: Mapping[str, float]  # module -> kept sum(sigma^2) / total sum(sigma^2); 1.0 when exact
 
     @property
     def energy_min(self) -> float:
@@ -68,8 +70,8 @@ def reduce_rank(up: torch.Tensor, down: torch.Tensor, rank: int) -> tuple[torch.
     """
     if rank < 1:
         raise LoRWeBError(f"the rank to keep must be at least 1, got {rank}")
-    q_up, r_up = torch.linalg.qr(up.double())               # [out, m], [m, n]
-    q_down, r_down = torch.linalg.qr(down.double().t())     # [in, p], [p, n]
+    q_up, r_up = torch.linalg.qr(up.double())  # [out, m], [m, n]
+    q_down, r_down = torch.linalg.qr(down.double().t())  # [in, p], [p, n]
     u, sigma, vh = torch.linalg.svd(r_up @ r_down.t(), full_matrices=False)
     keep = min(rank, sigma.numel())
     energy = sigma.square()
@@ -81,8 +83,9 @@ def reduce_rank(up: torch.Tensor, down: torch.Tensor, rank: int) -> tuple[torch.
     return up_k, down_k, kept
 
 
-def module_factors(basis: LoraBasis, module: str, coefficients: torch.Tensor,
-                   rank: int = 0) -> tuple[torch.Tensor, torch.Tensor, float]:
+def module_factors(
+    basis: LoraBasis, module: str, coefficients: torch.Tensor, rank: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, float]:
     """``(up, down, kept energy)`` of one module: the exact K*r factors (rank 0 or >= K*r), else the SVD ones."""
     up, down = lowrank_factors(basis.module(module), coefficients)
     if rank <= 0 or rank >= down.shape[0]:
@@ -115,12 +118,14 @@ def export_lora(basis: LoraBasis, weights: MixWeights, rank: int = 0, dtype: str
             tensors[key_alpha] = torch.tensor(float(down.shape[0]), dtype=torch.float32)
             ranks[module], energy[module] = down.shape[0], kept
     metadata = export_metadata(basis, weights, ranks, energy, dtype)
-    return ExportedLora(MappingProxyType(tensors), MappingProxyType(metadata), MappingProxyType(ranks),
-                        MappingProxyType(energy))
+    return ExportedLora(
+        MappingProxyType(tensors), MappingProxyType(metadata), MappingProxyType(ranks), MappingProxyType(energy)
+    )
 
 
-def export_metadata(basis: LoraBasis, weights: MixWeights, ranks: Mapping[str, int], energy: Mapping[str, float],
-                    dtype: str) -> dict[str, str]:
+def export_metadata(
+    basis: LoraBasis, weights: MixWeights, ranks: Mapping[str, int], energy: Mapping[str, float], dtype: str
+) -> dict[str, str]:
     """What the file is, where it came from, and when it is exact (safetensors metadata: str -> str)."""
     full_rank = basis.num_loras * basis.rank
     exact = all(r == full_rank for r in ranks.values())
@@ -132,7 +137,8 @@ def export_metadata(basis: LoraBasis, weights: MixWeights, ranks: Mapping[str, i
             "One analogy's per-layer mix of a LoRWeB LoRA basis, written as an ordinary Flux LoRA (diffusers/PEFT "
             "keys) for FLUX.1 Kontext [dev]. It reproduces the LoRWeB patch only for the analogy (a, a', b) whose "
             "images produced the mix: on other images it is an approximation. Use it in the LoRWeB grid workflow "
-            "([a | a'] / [b | b]) with the same a and a'."),
+            "([a | a'] / [b | b]) with the same a and a'."
+        ),
         "lorweb_basis": os.path.basename(weights.basis_path),
         "lorweb_basis_loras": str(basis.num_loras),
         "lorweb_basis_rank": str(basis.rank),

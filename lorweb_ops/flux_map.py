@@ -52,10 +52,10 @@ class FluxTarget:
     """One module's place in the BFL model: weight name (no prefix/suffix) and the rows it covers."""
 
     module: str
-    bfl_layer: str      # e.g. "double_blocks.0.img_attn.qkv"
+    bfl_layer: str  # e.g. "double_blocks.0.img_attn.qkv"
     row_start: int
     row_count: int
-    fused: bool         # True when the layer holds other modules' rows too
+    fused: bool  # True when the layer holds other modules' rows too
 
     @property
     def model_key(self) -> str:

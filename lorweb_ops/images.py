@@ -67,7 +67,7 @@ def build_grid(a: Image.Image, a_prime: Image.Image, b: Image.Image) -> Image.Im
 def crop_result(image: torch.Tensor) -> torch.Tensor:
     """The bottom-right quadrant (b') of generated grids, ``[B, H, W, C]`` -> ``[B, H - H//2, W - W//2, C]``."""
     height, width = image.shape[1], image.shape[2]
-    return image[:, height // 2:, width // 2:, :]
+    return image[:, height // 2 :, width // 2 :, :]
 
 
 def grid_quadrants(grid: Image.Image) -> dict[str, Image.Image]:
@@ -81,8 +81,11 @@ def reference_quadrants(grid: Image.Image) -> dict[str, Image.Image]:
     """The reference's crops, which use half the *width* on both axes (wrong for non-square tiles)."""
     width, height = grid.size
     side = width // 2
-    return {"a": grid.crop((0, 0, side, side)), "a_prime": grid.crop((side, 0, width, side)),
-            "b": grid.crop((0, side, side, height))}
+    return {
+        "a": grid.crop((0, 0, side, side)),
+        "a_prime": grid.crop((side, 0, width, side)),
+        "b": grid.crop((0, side, side, height)),
+    }
 
 
 def clip_resize_crop(image: Image.Image, size: int = 224) -> Image.Image:

@@ -40,10 +40,10 @@ def as_single_query(query: torch.Tensor, query_dim: int) -> torch.Tensor:
 
 def module_coefficients(module: ModuleBasis, query: torch.Tensor, settings: BasisSettings) -> torch.Tensor:
     """The K mixing coefficients of one module for a float32 ``[Dq]`` query."""
-    projected = query if module.to_q is None else module.to_q.float() @ query          # [Dk]
+    projected = query if module.to_q is None else module.to_q.float() @ query  # [Dk]
     heads = settings.lora_heads
     head_dim = projected.numel() // heads
-    keys = module.lora_keys.float().view(-1, heads, head_dim).transpose(0, 1)         # [H, K, hd]
+    keys = module.lora_keys.float().view(-1, heads, head_dim).transpose(0, 1)  # [H, K, hd]
     logits = torch.einsum("hd,hkd->hk", projected.view(heads, head_dim), keys) * head_dim**-0.5
     weights = torch.softmax(logits, dim=-1) if settings.lora_softmax else torch.tanh(logits)
     if settings.mixing_coeffs_type == "sum":
@@ -92,7 +92,7 @@ class MixWeights:
 
     basis_path: str
     modules: tuple[str, ...]
-    coefficients: Mapping[str, torch.Tensor]    # module -> [K] float32
+    coefficients: Mapping[str, torch.Tensor]  # module -> [K] float32
     strength: float = 1.0
 
     def as_matrix(self) -> torch.Tensor:

@@ -18,14 +18,15 @@ class ModulePatch:
     """The composed LoRA of one module: ``target rows += strength * up @ down``."""
 
     target: FluxTarget
-    up: torch.Tensor     # [out, K*r], a view of the basis
-    down: torch.Tensor   # [K*r, in], float32, coefficients folded in
+    up: torch.Tensor  # [out, K*r], a view of the basis
+    down: torch.Tensor  # [K*r, in], float32, coefficients folded in
 
 
 def module_targets(basis: LoraBasis) -> list[FluxTarget]:
     """Where every module of the basis lands in a Flux model."""
-    return [flux_target(name, basis.weights[name].in_features, basis.weights[name].out_features)
-            for name in basis.modules]
+    return [
+        flux_target(name, basis.weights[name].in_features, basis.weights[name].out_features) for name in basis.modules
+    ]
 
 
 def composed_patches(basis: LoraBasis, coefficients: Mapping[str, torch.Tensor]) -> list[ModulePatch]:
@@ -56,7 +57,7 @@ def flux_delta(basis: LoraBasis, coefficients: Mapping[str, torch.Tensor], key: 
     delta = torch.zeros(rows, in_features, dtype=torch.float32)
     for target in covering:
         up, down = lowrank_factors(basis.weights[target.module], coefficients[target.module])
-        delta[target.row_start: target.row_start + target.row_count] = up.float() @ down
+        delta[target.row_start : target.row_start + target.row_count] = up.float() @ down
     return delta
 
 

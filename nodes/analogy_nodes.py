@@ -12,9 +12,11 @@ from .types import CATEGORY, Analogy, Basis
 
 def _embed_with(clip_vision):
     """ComfyUI's CLIP vision model as an encoder of already resized/cropped images: pooled image_embeds."""
+
     def embed(batch: torch.Tensor) -> torch.Tensor:
         # The batch is exactly image_size x image_size, so ComfyUI's own preprocessing only normalises it.
         return clip_vision.encode_image(batch, crop=False)["image_embeds"]
+
     return embed
 
 
@@ -31,21 +33,31 @@ class EncodeAnalogy(io.ComfyNode):
             display_name="Encode Analogy Pair",
             category=CATEGORY,
             description="Encodes an example edit a -> a' and a new image b with a CLIP vision model into the query "
-                        "that mixes the LoRWeB basis. a' and b are resized to a's size first, as in the grid.",
+            "that mixes the LoRWeB basis. a' and b are resized to a's size first, as in the grid.",
             inputs=[
                 io.ClipVision.Input(
-                    "clip_vision", tooltip="From CLIPVisionLoader. The released basis wants openai CLIP ViT-L/14 "
-                                           "(clip-vit-large-patch14, 768-d image embeds) in models/clip_vision."),
+                    "clip_vision",
+                    tooltip="From CLIPVisionLoader. The released basis wants openai CLIP ViT-L/14 "
+                    "(clip-vit-large-patch14, 768-d image embeds) in models/clip_vision.",
+                ),
                 io.Image.Input("a", tooltip="The example before the edit (one image)."),
-                io.Image.Input("a_prime", display_name="a′",
-                               tooltip="The example after the edit (one image); resized to a's size."),
+                io.Image.Input(
+                    "a_prime", display_name="a′", tooltip="The example after the edit (one image); resized to a's size."
+                ),
                 io.Image.Input("b", tooltip="The new image to edit the same way (one image); resized to a's size."),
-                Basis.Input("basis", optional=True,
-                            tooltip="Optional: the basis, so the images are encoded in its query mode. "
-                                    f"Without it the released mode {RELEASED_SETTINGS.query_mode!r} is used."),
-                io.Boolean.Input("reverse", default=False, optional=True,
-                                 tooltip="Reverse the example edit (a′ → a): swaps a and a′ in the query. Set the "
-                                         "same switch on Analogy Grid."),
+                Basis.Input(
+                    "basis",
+                    optional=True,
+                    tooltip="Optional: the basis, so the images are encoded in its query mode. "
+                    f"Without it the released mode {RELEASED_SETTINGS.query_mode!r} is used.",
+                ),
+                io.Boolean.Input(
+                    "reverse",
+                    default=False,
+                    optional=True,
+                    tooltip="Reverse the example edit (a′ → a): swaps a and a′ in the query. Set the "
+                    "same switch on Analogy Grid.",
+                ),
             ],
             outputs=[Analogy.Output(display_name="analogy", tooltip="The query of this analogy, for Apply.")],
         )
@@ -56,8 +68,13 @@ class EncodeAnalogy(io.ComfyNode):
         images = [to_pil(single_image(image, name)) for image, name in ((a, "a"), (a_prime, "a′"), (b, "b"))]
         if reverse:
             images[0], images[1] = images[1], images[0]
-        analogy = encode_analogy(*images, _embed_with(clip_vision), query_mode=settings.query_mode,
-                                 image_size=clip_vision.image_size, encoder=_encoder_name(clip_vision))
+        analogy = encode_analogy(
+            *images,
+            _embed_with(clip_vision),
+            query_mode=settings.query_mode,
+            image_size=clip_vision.image_size,
+            encoder=_encoder_name(clip_vision),
+        )
         if basis is not None:
             check_analogy_fits(analogy, basis.settings, basis.query_dim)
         return io.NodeOutput(analogy)

@@ -13,8 +13,10 @@ from .patching import check_model_fits, patched_clone
 from .types import CATEGORY, Analogy, Basis, Weights
 
 STRENGTH_LIMIT = 10.0
-CHART_TOOLTIP = ("The mix as a picture: blocks x basis LoRAs heat map, mean weight per basis LoRA, entropy. Save or "
-                 "preview it with the stock image nodes.")
+CHART_TOOLTIP = (
+    "The mix as a picture: blocks x basis LoRAs heat map, mean weight per basis LoRA, entropy. Save or "
+    "preview it with the stock image nodes."
+)
 
 
 def strength_input(tooltip: str) -> io.Float.Input:
@@ -23,9 +25,11 @@ def strength_input(tooltip: str) -> io.Float.Input:
 
 def mix_outputs(weights_tooltip: str) -> list:
     """The outputs of every node that patches a model with a mix: MODEL, LORWEB_WEIGHTS, chart IMAGE."""
-    return [io.Model.Output(display_name="model", tooltip="A patched copy; the input model is untouched."),
-            Weights.Output(display_name="weights", tooltip=weights_tooltip),
-            io.Image.Output(display_name="chart", tooltip=CHART_TOOLTIP)]
+    return [
+        io.Model.Output(display_name="model", tooltip="A patched copy; the input model is untouched."),
+        Weights.Output(display_name="weights", tooltip=weights_tooltip),
+        io.Image.Output(display_name="chart", tooltip=CHART_TOOLTIP),
+    ]
 
 
 def strength_problem(strength) -> str | None:
@@ -48,13 +52,14 @@ class ApplyBasis(io.ComfyNode):
             display_name="Apply Weighted LoRA Basis",
             category=CATEGORY,
             description="Mixes the basis LoRAs per layer with the weights the analogy asks for and patches a copy "
-                        "of the Flux Kontext MODEL (low-rank, through ComfyUI's own LoRA patching).",
+            "of the Flux Kontext MODEL (low-rank, through ComfyUI's own LoRA patching).",
             inputs=[
                 io.Model.Input("model", tooltip="The FLUX.1 Kontext [dev] model (UNETLoader, any precision)."),
                 Basis.Input("basis", tooltip="From Load LoRA Basis."),
                 Analogy.Input("analogy", tooltip="From Encode Analogy Pair."),
-                strength_input("Scale of the composed LoRA. 1.0 is what LoRWeB was trained with; "
-                               "0 returns the model unchanged."),
+                strength_input(
+                    "Scale of the composed LoRA. 1.0 is what LoRWeB was trained with; 0 returns the model unchanged."
+                ),
             ],
             outputs=mix_outputs("The per-layer coefficients that were applied (for charts, export, blends)."),
         )

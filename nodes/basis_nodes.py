@@ -18,22 +18,24 @@ class LoadBasis(io.ComfyNode):
             node_id="LoRWeB_LoadBasis",
             display_name="Load LoRA Basis",
             category=CATEGORY,
-            description="Loads a LoRWeB basis: K LoRAs per Flux layer plus the keys that mix them. "
-                        + LICENCE_NOTE,
+            description="Loads a LoRWeB basis: K LoRAs per Flux layer plus the keys that mix them. " + LICENCE_NOTE,
             inputs=[
                 io.Combo.Input(
-                    "basis_name", options=model_folders.basis_files(),
+                    "basis_name",
+                    options=model_folders.basis_files(),
                     tooltip="LoRWeB basis file (.safetensors) in models/lorweb, e.g. the released "
-                            "lorweb_model.safetensors from hilamanor/lorweb. " + LICENCE_NOTE),
+                    "lorweb_model.safetensors from hilamanor/lorweb. " + LICENCE_NOTE,
+                ),
                 io.Combo.Input(
-                    "config", options=[model_folders.AUTO_CONFIG] + model_folders.config_files(),
+                    "config",
+                    options=[model_folders.AUTO_CONFIG] + model_folders.config_files(),
                     default=model_folders.AUTO_CONFIG,
                     tooltip="Mixing settings. 'auto': the ai-toolkit config.yaml saved beside the basis file, "
-                            "else the released values (cat-aa'b, 1 head, softmax, mean). Or pick a yaml from "
-                            "models/lorweb."),
+                    "else the released values (cat-aa'b, 1 head, softmax, mean). Or pick a yaml from "
+                    "models/lorweb.",
+                ),
             ],
-            outputs=[Basis.Output(display_name="basis",
-                                                      tooltip="The loaded basis, for Encode and Apply.")],
+            outputs=[Basis.Output(display_name="basis", tooltip="The loaded basis, for Encode and Apply.")],
         )
 
     @classmethod

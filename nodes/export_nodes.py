@@ -64,8 +64,11 @@ def summary(path: str, folder: str, exported, full_rank: int) -> dict:
 
 
 def describe(info: dict) -> str:
-    kept = ("exact" if info["exact"] else
-            f"energy kept min {100 * info['energy_min']:.2f}% / mean {100 * info['energy_mean']:.2f}%, {info['dtype']}")
+    kept = (
+        "exact"
+        if info["exact"]
+        else f"energy kept min {100 * info['energy_min']:.2f}% / mean {100 * info['energy_mean']:.2f}%, {info['dtype']}"
+    )
     return f"saved {info['lora_name']}: {info['layers']} layers, rank {info['rank']} of {info['full_rank']}, {kept}"
 
 
@@ -78,25 +81,42 @@ class SaveComposedLoRA(io.ComfyNode):
             category=CATEGORY,
             is_output_node=True,
             description="Writes the analogy's per-layer mix of the basis as an ordinary Flux LoRA into models/loras "
-                        "(diffusers/PEFT keys), for ComfyUI's LoraLoaderModelOnly or any LoRA loader. It equals "
-                        "the pack's patch only for the analogy (a, a′, b) it came from. " + LICENCE_NOTE,
+            "(diffusers/PEFT keys), for ComfyUI's LoraLoaderModelOnly or any LoRA loader. It equals "
+            "the pack's patch only for the analogy (a, a′, b) it came from. " + LICENCE_NOTE,
             inputs=[
                 Basis.Input("basis", tooltip="From Load LoRA Basis: the basis the weights were made with."),
                 Weights.Input("weights", tooltip="From an Apply node, Blend Analogies or Adjust Mix."),
-                io.String.Input("filename_prefix", default="lorweb/analogy",
-                                tooltip="Name inside models/loras; '_00001_.safetensors' and so on is appended, an "
-                                        "existing file is never overwritten. Subfolders are allowed."),
-                io.Int.Input("rank", default=0, min=0, max=4096, optional=True,
-                             tooltip="0 = the full K·r per layer (exact; 128 for the released basis). A smaller "
-                                     "rank keeps each layer's best approximation of that rank (truncated SVD) and "
-                                     "reports the energy kept."),
-                io.Combo.Input("dtype", options=list(EXPORT_DTYPES), default="float32", optional=True,
-                               tooltip="float32 reproduces the pack exactly; bfloat16 / float16 halve the file and "
-                                       "round the factors."),
+                io.String.Input(
+                    "filename_prefix",
+                    default="lorweb/analogy",
+                    tooltip="Name inside models/loras; '_00001_.safetensors' and so on is appended, an "
+                    "existing file is never overwritten. Subfolders are allowed.",
+                ),
+                io.Int.Input(
+                    "rank",
+                    default=0,
+                    min=0,
+                    max=4096,
+                    optional=True,
+                    tooltip="0 = the full K·r per layer (exact; 128 for the released basis). A smaller "
+                    "rank keeps each layer's best approximation of that rank (truncated SVD) and "
+                    "reports the energy kept.",
+                ),
+                io.Combo.Input(
+                    "dtype",
+                    options=list(EXPORT_DTYPES),
+                    default="float32",
+                    optional=True,
+                    tooltip="float32 reproduces the pack exactly; bfloat16 / float16 halve the file and "
+                    "round the factors.",
+                ),
             ],
-            outputs=[io.String.Output(display_name="lora_name",
-                                      tooltip="The saved file's name as LoRA loaders list it (relative to "
-                                              "models/loras).")],
+            outputs=[
+                io.String.Output(
+                    display_name="lora_name",
+                    tooltip="The saved file's name as LoRA loaders list it (relative to models/loras).",
+                )
+            ],
         )
 
     @classmethod
@@ -105,8 +125,9 @@ class SaveComposedLoRA(io.ComfyNode):
         return True if filename_prefix is None else check_prefix(filename_prefix) or True
 
     @classmethod
-    def execute(cls, basis, weights: MixWeights, filename_prefix: str, rank: int = 0,
-                dtype: str = "float32") -> io.NodeOutput:
+    def execute(
+        cls, basis, weights: MixWeights, filename_prefix: str, rank: int = 0, dtype: str = "float32"
+    ) -> io.NodeOutput:
         problem = check_prefix(filename_prefix)
         if problem:
             raise LoRWeBError(problem)

@@ -14,5 +14,14 @@ from .weights_nodes import AdjustMix, ApplyWeights, BlendAnalogies
 
 class LoRWeBExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [LoadBasis, EncodeAnalogy, ApplyBasis, AnalogyGrid, CropResult,
-                SaveComposedLoRA, BlendAnalogies, ApplyWeights, AdjustMix]
+        return [
+            LoadBasis,
+            EncodeAnalogy,
+            ApplyBasis,
+            AnalogyGrid,
+            CropResult,
+            SaveComposedLoRA,
+            BlendAnalogies,
+            ApplyWeights,
+            AdjustMix,
+        ]

@@ -17,14 +17,18 @@ class AnalogyGrid(io.ComfyNode):
             display_name="Analogy Grid",
             category=CATEGORY,
             description="Builds the 2x2 Kontext reference image [a | a′] / [b | b] at a's size (a′ and b resized "
-                        "with bicubic), as the LoRWeB reference does. Scale it with FluxKontextImageScale.",
+            "with bicubic), as the LoRWeB reference does. Scale it with FluxKontextImageScale.",
             inputs=[
                 io.Image.Input("a", tooltip="The example before the edit (one image); sets the tile size."),
                 io.Image.Input("a_prime", display_name="a′", tooltip="The example after the edit (one image)."),
                 io.Image.Input("b", tooltip="The new image to edit (one image); fills both bottom tiles."),
-                io.Boolean.Input("reverse", default=False, optional=True,
-                                 tooltip="Reverse the example edit (a′ → a): a′ goes top-left and sets the tile size. "
-                                         "Set the same switch on Encode Analogy Pair."),
+                io.Boolean.Input(
+                    "reverse",
+                    default=False,
+                    optional=True,
+                    tooltip="Reverse the example edit (a′ → a): a′ goes top-left and sets the tile size. "
+                    "Set the same switch on Encode Analogy Pair.",
+                ),
             ],
             outputs=[io.Image.Output(display_name="grid", tooltip="[a | a′] / [b | b], twice a's width and height.")],
         )

@@ -57,5 +57,7 @@ def resolve_in_folder(name: str) -> str | None:
 
 def missing_file_message(kind: str, name: str) -> str:
     folders = ", ".join(folder_paths.get_folder_paths(FOLDER)) or f"models/{FOLDER}"
-    return (f"{kind} {name!r} was not found in the lorweb model folder ({folders}). Put the file there "
-            "(names may not leave the folder) and refresh the node list (press R).")
+    return (
+        f"{kind} {name!r} was not found in the lorweb model folder ({folders}). Put the file there "
+        "(names may not leave the folder) and refresh the node list (press R)."
+    )

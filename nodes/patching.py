@@ -35,7 +35,8 @@ def check_model_fits(model, patches: list[ModulePatch], basis_path: str) -> None
         problems = [by_layer[layer] for layer in sorted(by_layer, key=_natural_order)]
         raise LoRWeBError(
             f"The basis {basis} does not fit this Flux model ({len(misfits)} of {len(patches)} basis modules): "
-            + "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
+            + "; ".join(problems[:4])
+            + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
             + ". Use the FLUX.1 Kontext [dev] model the basis was trained for (19 double and 38 single blocks, "
             "hidden size 3072)."
         )
@@ -54,8 +55,10 @@ def _misfit(patch: ModulePatch, shapes: dict[str, tuple[int, ...]]) -> str | Non
     expected_rows = target.row_start + target.row_count
     rows_fit = rows >= expected_rows if target.fused else rows == expected_rows
     if len(shape) != 2 or columns != patch.down.shape[1] or not rows_fit:
-        return (f"{target.bfl_layer} is {list(shape)} but {target.module} needs rows "
-                f"{target.row_start}..{expected_rows} x {patch.down.shape[1]} columns")
+        return (
+            f"{target.bfl_layer} is {list(shape)} but {target.module} needs rows "
+            f"{target.row_start}..{expected_rows} x {patch.down.shape[1]} columns"
+        )
     return None
 
 

@@ -20,17 +20,26 @@ class BlendAnalogies(io.ComfyNode):
             display_name="Blend Analogies",
             category=CATEGORY,
             description="Interpolates two analogies' per-layer weights: (1 − t)·weights_1 + t·weights_2 in every "
-                        "layer (strength too). Softmax mixes stay non-negative and sum to 1, so the blend stays in "
-                        "the domain LoRWeB was trained on.",
+            "layer (strength too). Softmax mixes stay non-negative and sum to 1, so the blend stays in "
+            "the domain LoRWeB was trained on.",
             inputs=[
                 Weights.Input("weights_1", tooltip="Weights of the first analogy (an Apply node's weights output)."),
                 Weights.Input("weights_2", tooltip="Weights of the second analogy; must come from the same basis."),
-                io.Float.Input("t", default=0.5, min=0.0, max=1.0, step=0.01,
-                               tooltip="0 = only weights_1, 1 = only weights_2, 0.5 = half of each."),
+                io.Float.Input(
+                    "t",
+                    default=0.5,
+                    min=0.0,
+                    max=1.0,
+                    step=0.01,
+                    tooltip="0 = only weights_1, 1 = only weights_2, 0.5 = half of each.",
+                ),
             ],
-            outputs=[Weights.Output(display_name="weights",
-                                    tooltip="The blended weights, for Apply LoRA Basis Weights, Adjust Mix or "
-                                            "Save Composed LoRA.")],
+            outputs=[
+                Weights.Output(
+                    display_name="weights",
+                    tooltip="The blended weights, for Apply LoRA Basis Weights, Adjust Mix or Save Composed LoRA.",
+                )
+            ],
         )
 
     @classmethod
@@ -53,20 +62,36 @@ class AdjustMix(io.ComfyNode):
             display_name="Adjust Mix",
             category=CATEGORY,
             description="Reshapes a mix in every layer, in this order: temperature, overrides, top-k; softmax mixes "
-                        "are then renormalised to sum 1. The defaults change nothing.",
+            "are then renormalised to sum 1. The defaults change nothing.",
             inputs=[
                 Weights.Input("weights", tooltip="Weights from an Apply node, Blend Analogies or another Adjust Mix."),
-                io.Float.Input("temperature", default=1.0, min=0.01, max=100.0, step=0.01,
-                               tooltip="1 = unchanged. Softmax mixes become softmax(log c / T): below 1 sharpens "
-                                       "towards the dominant basis LoRAs, above 1 flattens towards uniform. Signed "
-                                       "(tanh) mixes become sign(c)·|c|^(1/T)."),
-                io.Int.Input("top_k", default=0, min=0, max=1024,
-                             tooltip="0 = keep all. Otherwise keep the k largest |weights| of each layer and zero "
-                                     "the rest (softmax mixes are renormalised to sum 1)."),
-                io.String.Input("override", default="", multiline=False, placeholder="7=1.0, 3=0.5",
-                                tooltip="Set basis LoRA k's weight in every layer before normalisation, "
-                                        f"{OVERRIDE_EXAMPLE}. LoRAs are numbered from 0, as in the mix chart. "
-                                        "Empty = none."),
+                io.Float.Input(
+                    "temperature",
+                    default=1.0,
+                    min=0.01,
+                    max=100.0,
+                    step=0.01,
+                    tooltip="1 = unchanged. Softmax mixes become softmax(log c / T): below 1 sharpens "
+                    "towards the dominant basis LoRAs, above 1 flattens towards uniform. Signed "
+                    "(tanh) mixes become sign(c)·|c|^(1/T).",
+                ),
+                io.Int.Input(
+                    "top_k",
+                    default=0,
+                    min=0,
+                    max=1024,
+                    tooltip="0 = keep all. Otherwise keep the k largest |weights| of each layer and zero "
+                    "the rest (softmax mixes are renormalised to sum 1).",
+                ),
+                io.String.Input(
+                    "override",
+                    default="",
+                    multiline=False,
+                    placeholder="7=1.0, 3=0.5",
+                    tooltip="Set basis LoRA k's weight in every layer before normalisation, "
+                    f"{OVERRIDE_EXAMPLE}. LoRAs are numbered from 0, as in the mix chart. "
+                    "Empty = none.",
+                ),
             ],
             outputs=[Weights.Output(display_name="weights", tooltip="The adjusted weights (same basis).")],
         )
@@ -96,14 +121,16 @@ class ApplyWeights(io.ComfyNode):
             display_name="Apply LoRA Basis Weights",
             category=CATEGORY,
             description="Patches a copy of the Flux Kontext MODEL with the basis mixed by given weights (blended, "
-                        "adjusted or from another Apply) instead of an analogy. Same patching as Apply Weighted "
-                        "LoRA Basis.",
+            "adjusted or from another Apply) instead of an analogy. Same patching as Apply Weighted "
+            "LoRA Basis.",
             inputs=[
                 io.Model.Input("model", tooltip="The FLUX.1 Kontext [dev] model (UNETLoader, any precision)."),
                 Basis.Input("basis", tooltip="From Load LoRA Basis: the basis the weights were made with."),
                 Weights.Input("weights", tooltip="From an Apply node, Blend Analogies or Adjust Mix."),
-                strength_input("Scale of the composed LoRA; it replaces the strength stored in the weights. "
-                               "1.0 is what LoRWeB was trained with; 0 returns the model unchanged."),
+                strength_input(
+                    "Scale of the composed LoRA; it replaces the strength stored in the weights. "
+                    "1.0 is what LoRWeB was trained with; 0 returns the model unchanged."
+                ),
             ],
             outputs=mix_outputs("The weights that were applied, with this strength (for charts, export)."),
         )

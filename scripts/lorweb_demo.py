@@ -44,9 +44,14 @@ FILES = {
     "lorweb": "lorweb-demo-basis.safetensors",
 }
 IMAGES = {"a": "demo_a.png", "a_prime": "demo_a_prime.png", "b": "demo_b.png"}
-RELEASED_NETWORK_KWARGS = {"query_mode": "cat-aa'b", "lora_heads": 1, "lora_softmax": True,
-                           "mixing_coeffs_type": "mean", "query_projection_type": "linear",
-                           "external_query_model": "openai/clip-vit-large-patch14"}
+RELEASED_NETWORK_KWARGS = {
+    "query_mode": "cat-aa'b",
+    "lora_heads": 1,
+    "lora_softmax": True,
+    "mixing_coeffs_type": "mean",
+    "query_projection_type": "linear",
+    "external_query_model": "openai/clip-vit-large-patch14",
+}
 
 
 def default_cache() -> Path:
@@ -62,8 +67,13 @@ def ensure_demo_files(cache: Path, log: Callable[[str], None] = print) -> None:
         return
     # files of an older format are rewritten; finished files of an interrupted first run are kept
     rewrite = recorded is not None and recorded.get("format") != FORMAT
-    writers = {"diffusion_models": write_flux, "text_encoders": write_clip_text, "vae": write_vae,
-               "clip_vision": write_clip_vision, "lorweb": write_basis}
+    writers = {
+        "diffusion_models": write_flux,
+        "text_encoders": write_clip_text,
+        "vae": write_vae,
+        "clip_vision": write_clip_vision,
+        "lorweb": write_basis,
+    }
     for folder, name in FILES.items():
         path = cache / folder / name
         if rewrite or not path.is_file():
@@ -76,8 +86,10 @@ def ensure_demo_files(cache: Path, log: Callable[[str], None] = print) -> None:
 
 
 def _manifest(cache: Path) -> dict:
-    sizes = {name: (cache / folder / name).stat().st_size if (cache / folder / name).is_file() else None
-             for folder, name in FILES.items()}
+    sizes = {
+        name: (cache / folder / name).stat().st_size if (cache / folder / name).is_file() else None
+        for folder, name in FILES.items()
+    }
     return {"format": FORMAT, "files": sizes}
 
 
@@ -128,13 +140,28 @@ def flux_shapes(depth: int = 1, single_depth: int = 1) -> dict[str, torch.Size]:
     import comfy.ldm.flux.model
     import comfy.ops
 
-    params = dict(in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096, hidden_size=HIDDEN,
-                  mlp_ratio=4.0, num_heads=24, depth=depth, depth_single_blocks=single_depth, axes_dim=[16, 56, 56],
-                  theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True, txt_ids_dims=[])
+    params = dict(
+        in_channels=16,
+        out_channels=16,
+        vec_in_dim=768,
+        context_in_dim=4096,
+        hidden_size=HIDDEN,
+        mlp_ratio=4.0,
+        num_heads=24,
+        depth=depth,
+        depth_single_blocks=single_depth,
+        axes_dim=[16, 56, 56],
+        theta=10000,
+        patch_size=2,
+        qkv_bias=True,
+        guidance_embed=True,
+        txt_ids_dims=[],
+    )
     known = {field.name for field in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}  # 0.3.64: fewer fields
     params = {key: value for key, value in params.items() if key in known}
-    return _meta_shapes(lambda: comfy.ldm.flux.model.Flux(**params, dtype=torch.bfloat16,
-                                                          operations=comfy.ops.disable_weight_init))
+    return _meta_shapes(
+        lambda: comfy.ldm.flux.model.Flux(**params, dtype=torch.bfloat16, operations=comfy.ops.disable_weight_init)
+    )
 
 
 def write_flux(path: Path) -> None:
@@ -152,8 +179,7 @@ def write_clip_text(path: Path) -> None:
     import comfy.ops
 
     config = _comfy_json("sd1_clip_config.json")  # CLIP-L text: 12 layers, 768 wide
-    shapes = _meta_shapes(lambda: comfy.clip_model.CLIPTextModel(config, torch.float16, "meta",
-                                                                 comfy.ops.manual_cast))
+    shapes = _meta_shapes(lambda: comfy.clip_model.CLIPTextModel(config, torch.float16, "meta", comfy.ops.manual_cast))
     _save(path, shapes, torch.float16, seed=2)
 
 
@@ -162,21 +188,35 @@ def write_clip_vision(path: Path) -> None:
     import comfy.ops
 
     config = _comfy_json("clip_vision_config_vitl.json")  # ViT-L/14: 24 layers, 1024 wide, projection 768
-    shapes = _meta_shapes(lambda: comfy.clip_model.CLIPVisionModelProjection(config, torch.float16, "meta",
-                                                                             comfy.ops.manual_cast))
+    shapes = _meta_shapes(
+        lambda: comfy.clip_model.CLIPVisionModelProjection(config, torch.float16, "meta", comfy.ops.manual_cast)
+    )
     _save(path, shapes, torch.float16, seed=3)
 
 
 def write_vae(path: Path) -> None:
     from comfy.ldm.models.autoencoder import AutoencodingEngine
 
-    config = {"double_z": True, "z_channels": 16, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
-              "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+    config = {
+        "double_z": True,
+        "z_channels": 16,
+        "resolution": 256,
+        "in_channels": 3,
+        "out_ch": 3,
+        "ch": 128,
+        "ch_mult": [1, 2, 4, 4],
+        "num_res_blocks": 2,
+        "attn_resolutions": [],
+        "dropout": 0.0,
+    }
     coder = "comfy.ldm.modules.diffusionmodules.model."
-    shapes = _meta_shapes(lambda: AutoencodingEngine(
-        regularizer_config={"target": "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"},
-        encoder_config={"target": coder + "Encoder", "params": config},
-        decoder_config={"target": coder + "Decoder", "params": config}))
+    shapes = _meta_shapes(
+        lambda: AutoencodingEngine(
+            regularizer_config={"target": "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"},
+            encoder_config={"target": coder + "Encoder", "params": config},
+            decoder_config={"target": coder + "Decoder", "params": config},
+        )
+    )
     _save(path, shapes, torch.float16, seed=4)
 
 
@@ -197,8 +237,9 @@ def write_basis(path: Path, modules: list[str] | None = None, num_loras: int = N
         tensors[f"{prefix}.lora_A"] = (torch.randn(num_loras, fan_in, RANK, generator=generator) / fan_in**0.5).half()
         tensors[f"{prefix}.lora_B"] = (0.05 * torch.randn(num_loras, RANK, fan_out, generator=generator)).half()
         tensors[f"{prefix}.lora_keys"] = torch.randn(num_loras, KEYS_DIM, generator=generator).half()
-        tensors[f"{prefix}.att_lora_to_q.weight"] = (torch.randn(KEYS_DIM, QUERY_DIM, generator=generator)
-                                                     / QUERY_DIM**0.5).half()
+        tensors[f"{prefix}.att_lora_to_q.weight"] = (
+            torch.randn(KEYS_DIM, QUERY_DIM, generator=generator) / QUERY_DIM**0.5
+        ).half()
     save_file(tensors, str(path), metadata={"format": "pt", "lorweb_demo": "random basis"})
     return path
 
@@ -207,9 +248,23 @@ def write_basis_config(path: Path) -> None:
     """The ai-toolkit config.yaml saved beside a basis, with the released mixing settings."""
     import yaml
 
-    document = {"job": "extension", "config": {"name": "lorweb-demo", "process": [
-        {"type": "sd_trainer", "network": {"type": "attlora", "linear": RANK, "linear_alpha": RANK,
-                                            "network_kwargs": RELEASED_NETWORK_KWARGS}}]}}
+    document = {
+        "job": "extension",
+        "config": {
+            "name": "lorweb-demo",
+            "process": [
+                {
+                    "type": "sd_trainer",
+                    "network": {
+                        "type": "attlora",
+                        "linear": RANK,
+                        "linear_alpha": RANK,
+                        "network_kwargs": RELEASED_NETWORK_KWARGS,
+                    },
+                }
+            ],
+        },
+    }
     path.write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
 
 

@@ -26,7 +26,7 @@ MODE_ALWAYS, MODE_NEVER, MODE_BYPASS = 0, 2, 4
 @dataclass(frozen=True)
 class InputSpec:
     name: str
-    kind: Any        # a type name, or the option list of a V1 combo
+    kind: Any  # a type name, or the option list of a V1 combo
     options: dict
     optional: bool
 
@@ -47,8 +47,8 @@ class InputSpec:
 class WidgetSlot:
     """One entry of ``widgets_values``: an input's value, or a frontend-only companion value."""
 
-    name: str        # the input it belongs to
-    role: str        # "value", "control" (control_after_generate) or "upload"
+    name: str  # the input it belongs to
+    role: str  # "value", "control" (control_after_generate) or "upload"
 
 
 def input_specs(definition: Mapping) -> list[InputSpec]:
@@ -83,15 +83,19 @@ def node_definition(node_class: Any) -> dict:
     if hasattr(node_class, "GET_NODE_INFO_V1"):
         return node_class.GET_NODE_INFO_V1()
     inputs = node_class.INPUT_TYPES()
-    return {"input": inputs, "input_order": {section: list(values) for section, values in inputs.items()},
-            "output": list(node_class.RETURN_TYPES)}
+    return {
+        "input": inputs,
+        "input_order": {section: list(values) for section, values in inputs.items()},
+        "output": list(node_class.RETURN_TYPES),
+    }
 
 
 def load_workflow(path: str | Path) -> dict:
     workflow = json.loads(Path(path).read_text(encoding="utf-8"))
     if not isinstance(workflow, dict) or "nodes" not in workflow or "links" not in workflow:
-        raise ValueError(f"{path} is not a ComfyUI UI workflow (it needs 'nodes' and 'links'; API-format prompts "
-                         "are not templates)")
+        raise ValueError(
+            f"{path} is not a ComfyUI UI workflow (it needs 'nodes' and 'links'; API-format prompts are not templates)"
+        )
     return workflow
 
 
@@ -136,10 +140,14 @@ def ui_to_api(workflow: Mapping, definitions: Mapping[str, Mapping]) -> dict[str
         if node["type"] in FRONTEND_ONLY_TYPES or node.get("mode", MODE_ALWAYS) in (MODE_NEVER, MODE_BYPASS):
             continue
         if node["type"] not in definitions:
-            raise KeyError(f"node {node_id} has type {node['type']!r}, which this ComfyUI does not know "
-                           "(a missing custom node pack?)")
-        prompt[str(node_id)] = {"class_type": node["type"],
-                                "inputs": _api_inputs(node, definitions[node["type"]], graph)}
+            raise KeyError(
+                f"node {node_id} has type {node['type']!r}, which this ComfyUI does not know "
+                "(a missing custom node pack?)"
+            )
+        prompt[str(node_id)] = {
+            "class_type": node["type"],
+            "inputs": _api_inputs(node, definitions[node["type"]], graph),
+        }
     return prompt
 
 
@@ -147,8 +155,10 @@ def _api_inputs(node: Mapping, definition: Mapping, graph: _Graph) -> dict[str, 
     values = list(node.get("widgets_values") or [])
     slots = widget_slots(definition)
     if isinstance(node.get("widgets_values"), Mapping) or len(values) != len(slots):
-        raise ValueError(f"node {node['id']} ({node['type']}) has {len(values)} widget values, this ComfyUI's "
-                         f"definition needs {len(slots)} ({[s.name for s in slots]})")
+        raise ValueError(
+            f"node {node['id']} ({node['type']}) has {len(values)} widget values, this ComfyUI's "
+            f"definition needs {len(slots)} ({[s.name for s in slots]})"
+        )
     inputs = {slot.name: value for slot, value in zip(slots, values, strict=True) if slot.role == "value"}
     for socket in node.get("inputs") or []:  # links win over widget values (a widget converted to an input)
         source = graph.source(socket.get("link"))

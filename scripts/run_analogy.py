@@ -45,17 +45,23 @@ DEMO_STEPS = 4
 
 # ----------------------------------------------------------------------------------------------- arguments
 
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--comfyui", type=Path, help="ComfyUI folder (default: the ComfyUI this pack is installed "
-                                                     "in, i.e. two levels above the pack)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--comfyui",
+        type=Path,
+        help="ComfyUI folder (default: the ComfyUI this pack is installed in, i.e. two levels above the pack)",
+    )
     parser.add_argument("--a", type=Path, help="the example before the edit")
     parser.add_argument("--a-prime", type=Path, help="the example after the edit")
     parser.add_argument("--b", type=Path, help="the image to edit, or a folder: every image in it")
     parser.add_argument("--prompt", help="the edit instruction (what turns a into a′)")
-    parser.add_argument("--out", type=Path, default=Path("lorweb_output"),
-                        help="where b′ is written (default: ./lorweb_output)")
+    parser.add_argument(
+        "--out", type=Path, default=Path("lorweb_output"), help="where b′ is written (default: ./lorweb_output)"
+    )
     parser.add_argument("--reverse", action="store_true", help="reverse analogy: apply a′ → a to b")
     parser.add_argument("--seed", type=int, help="sampler seed (workflow: 50)")
     parser.add_argument("--steps", type=int, help="sampling steps (workflow: 28; demo: 4)")
@@ -69,8 +75,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     models.add_argument("--clip-vision", help="models/clip_vision, e.g. clip-vit-large-patch14.safetensors")
     models.add_argument("--basis", help="models/lorweb, e.g. lorweb_model.safetensors")
     models.add_argument("--basis-config", help="models/lorweb yaml, or 'auto' (the config.yaml beside the basis)")
-    parser.add_argument("--workflow", type=Path, default=WORKFLOW, help="UI workflow to run (default: the pack's "
-                                                                        "example); it must have the same node kinds")
+    parser.add_argument(
+        "--workflow",
+        type=Path,
+        default=WORKFLOW,
+        help="UI workflow to run (default: the pack's example); it must have the same node kinds",
+    )
     parser.add_argument("--demo", action="store_true", help="random small weights, CPU, 128x128, 4 steps")
     parser.add_argument("--demo-cache", type=Path, help="folder for the demo weights (default ~/.cache/lorweb-demo)")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU (automatic without a GPU and in --demo)")
@@ -111,6 +121,7 @@ def b_images(b: Path) -> list[Path]:
 
 
 # ----------------------------------------------------------------------------------------- ComfyUI in-process
+
 
 def wants_cpu(args: argparse.Namespace) -> bool:
     if args.cpu or args.demo:
@@ -160,8 +171,11 @@ def use_private_folders(work: Path) -> None:
     """LoadImage reads, SaveImage / PreviewImage write here: ComfyUI's own folders stay untouched."""
     import folder_paths
 
-    for name, setter in (("input", folder_paths.set_input_directory), ("output", folder_paths.set_output_directory),
-                         ("temp", folder_paths.set_temp_directory)):
+    for name, setter in (
+        ("input", folder_paths.set_input_directory),
+        ("output", folder_paths.set_output_directory),
+        ("temp", folder_paths.set_temp_directory),
+    ):
         (work / name).mkdir(parents=True, exist_ok=True)
         setter(str(work / name))
 
@@ -203,6 +217,7 @@ class DefinitionsOf:
 
 
 # ------------------------------------------------------------------------------------------------ progress
+
 
 class ProgressServer:
     """Stand-in for ComfyUI's PromptServer: turns the executor's messages into tqdm bars."""
@@ -260,6 +275,7 @@ class ProgressServer:
 
 # ------------------------------------------------------------------------------------------------ the graph
 
+
 @dataclass
 class RunSettings:
     """Everything the runner sets in the graph (None: keep the workflow's value)."""
@@ -269,8 +285,8 @@ class RunSettings:
     steps: int | None = None
     reverse: bool = False
     models: dict[str, str | None] = field(default_factory=dict)
-    demo_text_encoder: str | None = None   # demo: CLIPLoader (sd3) with this CLIP-L instead of DualCLIPLoader
-    bypass_kontext_scale: bool = False     # demo: keep the small grid (the scale node goes to ~1 megapixel)
+    demo_text_encoder: str | None = None  # demo: CLIPLoader (sd3) with this CLIP-L instead of DualCLIPLoader
+    bypass_kontext_scale: bool = False  # demo: keep the small grid (the scale node goes to ~1 megapixel)
     save_grid: bool = False
     save_chart: bool = False
 
@@ -331,8 +347,10 @@ def _set_values(prompt: dict, settings: RunSettings) -> None:
             prompt[unique_node(prompt, class_type)]["inputs"][name] = value
     if settings.demo_text_encoder:
         clip = unique_node(prompt, "DualCLIPLoader")
-        prompt[clip] = {"class_type": "CLIPLoader",
-                        "inputs": {"clip_name": settings.demo_text_encoder, "type": "sd3", "device": "default"}}
+        prompt[clip] = {
+            "class_type": "CLIPLoader",
+            "inputs": {"clip_name": settings.demo_text_encoder, "type": "sd3", "device": "default"},
+        }
 
 
 def _set_outputs(prompt: dict, settings: RunSettings) -> None:
@@ -343,15 +361,20 @@ def _set_outputs(prompt: dict, settings: RunSettings) -> None:
     for node_id in [n for n, node in prompt.items() if node["class_type"] == "PreviewImage"]:
         del prompt[node_id]  # the workflow's chart preview; re-added below under a known id when wanted
     if settings.save_chart:
-        prompt[CHART_NODE] = {"class_type": "SaveImage",
-                              "inputs": {"images": [apply, 2], "filename_prefix": "lorweb_chart"}}
+        prompt[CHART_NODE] = {
+            "class_type": "SaveImage",
+            "inputs": {"images": [apply, 2], "filename_prefix": "lorweb_chart"},
+        }
     if settings.save_grid:
         decoded = linked_node(prompt, unique_node(prompt, "LoRWeB_CropResult"), "image")
-        prompt[GRID_NODE] = {"class_type": "SaveImage",
-                             "inputs": {"images": [decoded, 0], "filename_prefix": "lorweb_grid"}}
+        prompt[GRID_NODE] = {
+            "class_type": "SaveImage",
+            "inputs": {"images": [decoded, 0], "filename_prefix": "lorweb_grid"},
+        }
 
 
 # ------------------------------------------------------------------------------------------------ running
+
 
 def place_image(source: Path, input_dir: Path, name: str) -> str:
     """Copy an image into the (private) input folder; LoadImage takes it by file name."""
@@ -384,8 +407,9 @@ def describe_errors(prompt: dict, error: dict, node_errors: dict) -> str:
     lines = [error.get("message", str(error)) if isinstance(error, dict) else str(error)]
     for node_id, problem in (node_errors or {}).items():
         for item in problem.get("errors", []):
-            lines.append(f"  {prompt.get(node_id, {}).get('class_type', node_id)}: {item.get('message')}: "
-                         f"{item.get('details')}")
+            lines.append(
+                f"  {prompt.get(node_id, {}).get('class_type', node_id)}: {item.get('message')}: {item.get('details')}"
+            )
     return "\n".join(lines)
 
 
@@ -399,8 +423,11 @@ def output_file(outputs: dict, node_id: str) -> Path:
 
 def collect(outputs: dict, prompt: dict, out_dir: Path, stem: str) -> list[Path]:
     """Move b′ (and the grid / chart) from the private output folder to ``out_dir``."""
-    save = next(node_id for node_id, node in prompt.items() if node["class_type"] == "SaveImage"
-                and node["inputs"].get("filename_prefix") == "lorweb_b_prime")
+    save = next(
+        node_id
+        for node_id, node in prompt.items()
+        if node["class_type"] == "SaveImage" and node["inputs"].get("filename_prefix") == "lorweb_b_prime"
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for node_id, suffix in ((save, "b_prime"), (GRID_NODE, "grid"), (CHART_NODE, "chart")):
@@ -437,13 +464,25 @@ def run_jobs(job: Job, workflow: dict, executor, stand_in: ProgressServer, work:
 
 
 def settings_from(args: argparse.Namespace, demo_files: dict[str, str] | None) -> RunSettings:
-    models = {name: getattr(args, name) for name in
-              ("unet", "clip_l", "t5", "vae", "clip_vision", "basis", "basis_config")}
-    settings = RunSettings(prompt=args.prompt, seed=args.seed, steps=args.steps, reverse=args.reverse,
-                           models=models, save_grid=args.save_grid, save_chart=args.save_chart)
+    models = {
+        name: getattr(args, name) for name in ("unet", "clip_l", "t5", "vae", "clip_vision", "basis", "basis_config")
+    }
+    settings = RunSettings(
+        prompt=args.prompt,
+        seed=args.seed,
+        steps=args.steps,
+        reverse=args.reverse,
+        models=models,
+        save_grid=args.save_grid,
+        save_chart=args.save_chart,
+    )
     if demo_files is not None:
-        for name, folder in (("unet", "diffusion_models"), ("vae", "vae"), ("clip_vision", "clip_vision"),
-                             ("basis", "lorweb")):
+        for name, folder in (
+            ("unet", "diffusion_models"),
+            ("vae", "vae"),
+            ("clip_vision", "clip_vision"),
+            ("basis", "lorweb"),
+        ):
             settings.models[name] = settings.models[name] or demo_files[folder]
         settings.models["basis_config"] = settings.models["basis_config"] or "auto"
         settings.demo_text_encoder = args.clip_l or demo_files["text_encoders"]
@@ -472,7 +511,7 @@ def peak_memory_text() -> str:
         return ""
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     scale = 1 if sys.platform != "darwin" else 1 / 1024  # macOS reports bytes
-    return f", peak memory {peak_kib * scale / 1024 ** 2:.1f} GiB"
+    return f", peak memory {peak_kib * scale / 1024**2:.1f} GiB"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,9 +37,19 @@ def module_shapes(name: str, hidden: int, mlp: int) -> tuple[int, int]:
     return module_shape(name, hidden, mlp)
 
 
-def random_basis_tensors(modules: list[str], *, hidden: int = 8, mlp: int = 32, num_loras: int = 3, rank: int = 2,
-                         keys_dim: int = 4, query_dim: int = 15, dtype=torch.float16, seed: int = 0,
-                         projection: bool = True) -> dict[str, torch.Tensor]:
+def random_basis_tensors(
+    modules: list[str],
+    *,
+    hidden: int = 8,
+    mlp: int = 32,
+    num_loras: int = 3,
+    rank: int = 2,
+    keys_dim: int = 4,
+    query_dim: int = 15,
+    dtype=torch.float16,
+    seed: int = 0,
+    projection: bool = True,
+) -> dict[str, torch.Tensor]:
     """Random tensors in the ai-toolkit attlora layout (``transformer.<M>.lora_A [K, in, r]`` ...)."""
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
@@ -51,7 +61,8 @@ def random_basis_tensors(modules: list[str], *, hidden: int = 8, mlp: int = 32, 
         tensors[f"{prefix}.lora_keys"] = torch.randn(num_loras, keys_dim, generator=generator).to(dtype)
         if projection:
             tensors[f"{prefix}.att_lora_to_q.weight"] = (
-                torch.randn(keys_dim, query_dim, generator=generator) / query_dim**0.5).to(dtype)
+                torch.randn(keys_dim, query_dim, generator=generator) / query_dim**0.5
+            ).to(dtype)
     return tensors
 
 
@@ -64,8 +75,17 @@ def write_ai_toolkit_config(path: os.PathLike, **network_kwargs) -> Path:
     """A minimal ai-toolkit config.yaml with the given ``network_kwargs``."""
     import yaml
 
-    document = {"job": "extension", "config": {"name": "lorweb_model", "process": [
-        {"type": "sd_trainer", "network": {"type": "attlora", "linear": 4, "linear_alpha": 4,
-                                            "network_kwargs": network_kwargs}}]}}
+    document = {
+        "job": "extension",
+        "config": {
+            "name": "lorweb_model",
+            "process": [
+                {
+                    "type": "sd_trainer",
+                    "network": {"type": "attlora", "linear": 4, "linear_alpha": 4, "network_kwargs": network_kwargs},
+                }
+            ],
+        },
+    }
     Path(path).write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
     return Path(path)

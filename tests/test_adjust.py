@@ -43,6 +43,7 @@ def signed(basis):
 
 # ---- blend -------------------------------------------------------------------------------------------
 
+
 def test_blend_endpoints_are_the_inputs_exactly(first, second):
     for t, expected in ((0.0, first), (1.0, second)):
         blended = lorweb_ops.blend_weights(first, second, t)
@@ -58,16 +59,20 @@ def test_blend_is_linear_in_coefficients_strength_and_delta(basis, first, second
         expected = 0.75 * first.coefficients[module] + 0.25 * second.coefficients[module]
         torch.testing.assert_close(blended.coefficients[module], expected, rtol=0, atol=0)
         delta = lorweb_ops.delta_weight(basis, module, blended.coefficients[module])
-        mixed = 0.75 * lorweb_ops.delta_weight(basis, module, first.coefficients[module]) \
-            + 0.25 * lorweb_ops.delta_weight(basis, module, second.coefficients[module])
+        mixed = 0.75 * lorweb_ops.delta_weight(
+            basis, module, first.coefficients[module]
+        ) + 0.25 * lorweb_ops.delta_weight(basis, module, second.coefficients[module])
         torch.testing.assert_close(delta, mixed, rtol=0, atol=1e-6)
     assert lorweb_ops.is_probability_mix(blended)  # softmax mixes stay on the simplex
 
 
 def test_blend_refuses_weights_of_two_bases(first, second):
     other = replace(second, basis_path="/models/lorweb/other.safetensors")
-    with pytest.raises(LoRWeBError, match="weights_1 belong to the basis golden_lorweb_ckpt.safetensors .* but "
-                                          "weights_2 to other.safetensors.*same Load LoRA Basis"):
+    with pytest.raises(
+        LoRWeBError,
+        match="weights_1 belong to the basis golden_lorweb_ckpt.safetensors .* but "
+        "weights_2 to other.safetensors.*same Load LoRA Basis",
+    ):
         lorweb_ops.blend_weights(first, other, 0.5)
     fewer = replace(second, modules=second.modules[:3])
     with pytest.raises(LoRWeBError, match="cover different modules \\(20 vs 3\\)"):
@@ -81,6 +86,7 @@ def test_blend_refuses_t_outside_0_1(first, second, t):
 
 
 # ---- adjust: temperature ------------------------------------------------------------------------------
+
 
 def test_defaults_change_nothing(first):
     assert lorweb_ops.adjust_mix(first) is first
@@ -130,6 +136,7 @@ def test_bad_temperature_is_refused(first, temperature):
 
 # ---- adjust: top-k and overrides ----------------------------------------------------------------------
 
+
 def test_top_k_keeps_the_largest_and_renormalises(first):
     kept = lorweb_ops.adjust_mix(first, top_k=1)
     two = lorweb_ops.adjust_mix(first, top_k=2)
@@ -176,23 +183,32 @@ def test_signed_override_is_kept_as_given(signed):
     assert all(float(adjusted.coefficients[m][1]) == -0.25 for m in signed.modules)
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("", {}), ("   ", {}), ("7=1.0, 3=0.5", {7: 1.0, 3: 0.5}), ("0 = 0.25;2=1e-1\n1=-3", {0: 0.25, 2: 0.1, 1: -3.0}),
-    ("4=1,", {4: 1.0}),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("", {}),
+        ("   ", {}),
+        ("7=1.0, 3=0.5", {7: 1.0, 3: 0.5}),
+        ("0 = 0.25;2=1e-1\n1=-3", {0: 0.25, 2: 0.1, 1: -3.0}),
+        ("4=1,", {4: 1.0}),
+    ],
+)
 def test_override_text_is_parsed(text, expected):
     assert lorweb_ops.parse_overrides(text) == expected
 
 
-@pytest.mark.parametrize("text, message", [
-    ("7", "override item '7' is not 'index=weight'"),
-    ("=1", "override item '=1' is not 'index=weight'"),
-    ("x=1", "override index 'x' is not a whole number >= 0"),
-    ("-1=0.5", "override index '-1' is not a whole number >= 0"),
-    ("3=abc", "override weight 'abc' for basis LoRA 3 is not a number"),
-    ("3=nan", "must be a finite number"),
-    ("3=1, 3=2", "sets basis LoRA 3 twice"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("7", "override item '7' is not 'index=weight'"),
+        ("=1", "override item '=1' is not 'index=weight'"),
+        ("x=1", "override index 'x' is not a whole number >= 0"),
+        ("-1=0.5", "override index '-1' is not a whole number >= 0"),
+        ("3=abc", "override weight 'abc' for basis LoRA 3 is not a number"),
+        ("3=nan", "must be a finite number"),
+        ("3=1, 3=2", "sets basis LoRA 3 twice"),
+    ],
+)
 def test_bad_override_text_says_what_is_wrong(text, message):
     with pytest.raises(LoRWeBError, match=message.replace("(", r"\(")) as error:
         lorweb_ops.parse_overrides(text)
@@ -212,10 +228,12 @@ def test_override_outside_the_basis_and_negative_softmax_weights_are_refused(fir
 
 # ---- weights against a basis ----------------------------------------------------------------------------
 
+
 def test_weights_fit_only_their_own_basis(basis, first):
     lorweb_ops.check_weights_fit(basis, first)
-    with pytest.raises(LoRWeBError, match="made for the basis elsewhere.safetensors .*not for "
-                                          "golden_lorweb_ckpt.safetensors"):
+    with pytest.raises(
+        LoRWeBError, match="made for the basis elsewhere.safetensors .*not for golden_lorweb_ckpt.safetensors"
+    ):
         lorweb_ops.check_weights_fit(basis, replace(first, basis_path="/x/elsewhere.safetensors"))
     with pytest.raises(LoRWeBError, match="cover 19 modules .* has 20: 1 of the basis' modules are missing"):
         lorweb_ops.check_weights_fit(basis, replace(first, modules=first.modules[1:]))
@@ -230,6 +248,7 @@ def test_probability_mix_detection(first, signed):
 
 
 # ---- reverse analogy ------------------------------------------------------------------------------------
+
 
 def test_reverse_swaps_a_and_a_prime_in_the_query():
     """The reverse switch encodes (a′, a, b): the a and a′ parts of the query trade places, b stays."""

@@ -49,8 +49,11 @@ def test_every_float_dtype_loads_and_stays_in_file_dtype(tmp_path, dtype):
 def test_a_subset_of_modules_is_a_valid_basis(tmp_path):
     path = golden_as(tmp_path, torch.float16, keep=lambda k: ".attn.to_k." in k or "proj_mlp" in k)
     basis = lorweb_ops.load_basis(path)
-    assert basis.modules == ("single_transformer_blocks.0.attn.to_k", "single_transformer_blocks.0.proj_mlp",
-                             "transformer_blocks.0.attn.to_k")
+    assert basis.modules == (
+        "single_transformer_blocks.0.attn.to_k",
+        "single_transformer_blocks.0.proj_mlp",
+        "transformer_blocks.0.attn.to_k",
+    )
     coefficients = lorweb_ops.mixing_coefficients(basis, golden_tensors()["query_square"])
     fused = lorweb_ops.flux_delta(basis, coefficients, "single_blocks.0.linear1")
     assert fused.shape == (3 * 8 + 32, 8)
@@ -71,6 +74,7 @@ def test_cache_reuses_a_loaded_file_and_notices_changes(tmp_path):
 
 
 # ---- config resolution ---------------------------------------------------------------------------
+
 
 def test_config_beside_the_file_is_used(tmp_path):
     path = golden_as(tmp_path, torch.float16, name="lorweb_model.safetensors")
@@ -105,6 +109,7 @@ def test_mapping_keys_left_out_take_released_values():
 
 # ---- bad inputs: each message says what was wrong and what to do ---------------------------------
 
+
 def expect_error(match, *args, **kwargs):
     with pytest.raises(LoRWeBError, match=match):
         lorweb_ops.load_basis(*args, **kwargs)
@@ -133,9 +138,13 @@ def test_truncated_file(tmp_path):
 
 
 def test_ordinary_lora_is_refused_with_a_pointer_to_the_stock_loader(tmp_path):
-    path = write_safetensors(tmp_path / "lora.safetensors", {
-        "transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 8),
-        "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(8, 4)})
+    path = write_safetensors(
+        tmp_path / "lora.safetensors",
+        {
+            "transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 8),
+            "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(8, 4),
+        },
+    )
     expect_error("ordinary LoRA.*LoraLoaderModelOnly", path)
 
 
@@ -156,11 +165,14 @@ def test_incomplete_module(tmp_path):
     expect_error("attn.to_v lacks lora_keys", write_safetensors(tmp_path / "b.safetensors", tensors))
 
 
-@pytest.mark.parametrize("field, kwargs, match", [
-    ("K", {"num_loras": 4}, r"\(K, rank, keys size, query size\) = \(4, 2, 4, 15\)"),
-    ("rank", {"rank": 3}, r"= \(3, 3, 4, 15\)|inconsistent shapes"),
-    ("query", {"query_dim": 12}, r"= \(3, 2, 4, 12\)"),
-])
+@pytest.mark.parametrize(
+    "field, kwargs, match",
+    [
+        ("K", {"num_loras": 4}, r"\(K, rank, keys size, query size\) = \(4, 2, 4, 15\)"),
+        ("rank", {"rank": 3}, r"= \(3, 3, 4, 15\)|inconsistent shapes"),
+        ("query", {"query_dim": 12}, r"= \(3, 2, 4, 12\)"),
+    ],
+)
 def test_modules_disagreeing_on_sizes(tmp_path, field, kwargs, match):
     tensors = random_basis_tensors(TWO_BLOCK_MODULES[:1])
     tensors.update(random_basis_tensors(TWO_BLOCK_MODULES[1:2], **kwargs))
@@ -201,16 +213,19 @@ def test_basis_without_projection_needs_matching_config(tmp_path):
     assert len(lorweb_ops.mixing_coefficients(basis, torch.randn(4))) == len(TWO_BLOCK_MODULES)
 
 
-@pytest.mark.parametrize("config, match", [
-    ({"query_mode": "cat-paa'b"}, "uses encoder token features"),
-    ({"query_mode": "paa'b3"}, "uses encoder token features"),
-    ({"query_mode": "banana"}, "unknown query_mode 'banana'.*Supported modes: cat-aa'b"),
-    ({"lora_heads": 3}, "lora_heads 3 does not divide the key size 4"),
-    ({"lora_heads": 0}, "lora_heads must be a positive whole number"),
-    ({"lora_softmax": "maybe"}, "lora_softmax must be true or false"),
-    ({"mixing_coeffs_type": "max"}, "mixing_coeffs_type must be one of mean, sum"),
-    ({"external_query": False}, "external_query is false"),
-])
+@pytest.mark.parametrize(
+    "config, match",
+    [
+        ({"query_mode": "cat-paa'b"}, "uses encoder token features"),
+        ({"query_mode": "paa'b3"}, "uses encoder token features"),
+        ({"query_mode": "banana"}, "unknown query_mode 'banana'.*Supported modes: cat-aa'b"),
+        ({"lora_heads": 3}, "lora_heads 3 does not divide the key size 4"),
+        ({"lora_heads": 0}, "lora_heads must be a positive whole number"),
+        ({"lora_softmax": "maybe"}, "lora_softmax must be true or false"),
+        ({"mixing_coeffs_type": "max"}, "mixing_coeffs_type must be one of mean, sum"),
+        ({"external_query": False}, "external_query is false"),
+    ],
+)
 def test_bad_config_values(config, match):
     expect_error(match, GOLDEN_CKPT, config)
 

@@ -20,19 +20,32 @@ from workflow_testing import (
 )
 
 TOP_LEVEL_KEYS = {"last_node_id", "last_link_id", "nodes", "links", "groups", "config", "extra", "version"}
-NODE_KEYS = {"id", "type", "pos", "size", "flags", "order", "mode", "inputs", "outputs", "properties",
-             "widgets_values"}
+NODE_KEYS = {"id", "type", "pos", "size", "flags", "order", "mode", "inputs", "outputs", "properties", "widgets_values"}
 
 # /object_info-shaped definitions, as ComfyUI reports them (trimmed to what the converter reads)
-KSAMPLER = {"input": {"required": {
-    "model": ["MODEL", {}], "seed": ["INT", {"min": 0, "control_after_generate": True}], "steps": ["INT", {}],
-    "sampler_name": [["euler", "heun"]], "positive": ["CONDITIONING"], "denoise": ["FLOAT", {"max": 1.0}]}},
+KSAMPLER = {
+    "input": {
+        "required": {
+            "model": ["MODEL", {}],
+            "seed": ["INT", {"min": 0, "control_after_generate": True}],
+            "steps": ["INT", {}],
+            "sampler_name": [["euler", "heun"]],
+            "positive": ["CONDITIONING"],
+            "denoise": ["FLOAT", {"max": 1.0}],
+        }
+    },
     "input_order": {"required": ["model", "seed", "steps", "sampler_name", "positive", "denoise"]},
-    "output": ["LATENT"]}
+    "output": ["LATENT"],
+}
 LOAD_IMAGE = {"input": {"required": {"image": [["x.png"], {"image_upload": True}]}}, "output": ["IMAGE", "MASK"]}
-GRID = {"input": {"required": {"a": ["IMAGE", {}]}, "optional": {"reverse": ["BOOLEAN", {"default": False}],
-                                                                  "basis": ["LORWEB_BASIS", {}]}},
-        "input_order": {"required": ["a"], "optional": ["reverse", "basis"]}, "output": ["IMAGE"]}
+GRID = {
+    "input": {
+        "required": {"a": ["IMAGE", {}]},
+        "optional": {"reverse": ["BOOLEAN", {"default": False}], "basis": ["LORWEB_BASIS", {}]},
+    },
+    "input_order": {"required": ["a"], "optional": ["reverse", "basis"]},
+    "output": ["IMAGE"],
+}
 SCALE = {"input": {"required": {"image": ["IMAGE", {}]}}, "output": ["IMAGE"]}
 TEXT = {"input": {"required": {"text": ["STRING", {"forceInput": True}], "clip": ["CLIP"]}}, "output": ["COND"]}
 DEFINITIONS = {"KSampler": KSAMPLER, "LoadImage": LOAD_IMAGE, "Grid": GRID, "Scale": SCALE, "Text": TEXT}
@@ -73,48 +86,68 @@ def test_ui_format_and_links_are_consistent(name):
 
 @pytest.mark.parametrize("name", WORKFLOWS)
 def test_notes_name_every_model_file_its_folder_its_source_and_the_licence(name):
-    notes = " ".join(node["widgets_values"][0] for node in load_example(name)["nodes"]
-                     if node["type"] in FRONTEND_ONLY_TYPES)
+    notes = " ".join(
+        node["widgets_values"][0] for node in load_example(name)["nodes"] if node["type"] in FRONTEND_ONLY_TYPES
+    )
     for file_name, folder in MODEL_FILES.items():
         assert file_name in notes and f"models/{folder}/" in notes, file_name
-    for source in ("hilamanor/lorweb", "openai/clip-vit-large-patch14", "comfyanonymous/flux_text_encoders",
-                   "black-forest-labs/FLUX.1-Kontext-dev", "Comfy-Org/flux1-kontext-dev_ComfyUI"):
+    for source in (
+        "hilamanor/lorweb",
+        "openai/clip-vit-large-patch14",
+        "comfyanonymous/flux_text_encoders",
+        "black-forest-labs/FLUX.1-Kontext-dev",
+        "Comfy-Org/flux1-kontext-dev_ComfyUI",
+    ):
         assert source in notes
     assert "NVIDIA" in notes and "non-commercial" in notes
 
 
 def test_widget_slots_follow_the_frontend():
     slots = [(slot.name, slot.role) for slot in widget_slots(KSAMPLER)]
-    assert slots == [("seed", "value"), ("seed", "control"), ("steps", "value"), ("sampler_name", "value"),
-                     ("denoise", "value")]
+    assert slots == [
+        ("seed", "value"),
+        ("seed", "control"),
+        ("steps", "value"),
+        ("sampler_name", "value"),
+        ("denoise", "value"),
+    ]
     assert [(s.name, s.role) for s in widget_slots(LOAD_IMAGE)] == [("image", "value"), ("image", "upload")]
     assert [s.name for s in widget_slots(GRID)] == ["reverse"]  # optional widgets follow the required ones
     assert widget_slots(TEXT) == []  # forceInput: a socket, not a widget
 
 
 def _node(node_id, node_type, widgets=(), inputs=(), outputs=(), mode=0):
-    return {"id": node_id, "type": node_type, "mode": mode, "widgets_values": list(widgets),
-            "inputs": [dict(name=n, type=t, link=link) for n, t, link in inputs],
-            "outputs": [dict(name=t, type=t, links=links) for t, links in outputs]}
+    return {
+        "id": node_id,
+        "type": node_type,
+        "mode": mode,
+        "widgets_values": list(widgets),
+        "inputs": [dict(name=n, type=t, link=link) for n, t, link in inputs],
+        "outputs": [dict(name=t, type=t, links=links) for t, links in outputs],
+    }
 
 
 def test_ui_to_api_maps_widgets_links_bypass_reroute_and_notes():
-    workflow = {"nodes": [
-        _node(1, "LoadImage", ["a.png", "image"], outputs=[("IMAGE", [1])]),
-        _node(2, "Scale", inputs=[("image", "IMAGE", 1)], outputs=[("IMAGE", [2])], mode=4),  # bypassed
-        _node(3, "Reroute", inputs=[("", "*", 2)], outputs=[("IMAGE", [3])]),
-        _node(4, "Grid", [True], inputs=[("a", "IMAGE", 3), ("basis", "LORWEB_BASIS", None)]),
-        _node(5, "KSampler", [7, "fixed", 4, "euler", 0.5], inputs=[("seed", "INT", 4)]),
-        _node(6, "Note", ["models: ..."]),
-        _node(7, "Grid", [False], inputs=[("a", "IMAGE", None)], mode=2),  # muted
-    ], "links": [[1, 1, 0, 2, 0, "IMAGE"], [2, 2, 0, 3, 0, "IMAGE"], [3, 3, 0, 4, 0, "IMAGE"],
-                 [4, 1, 0, 5, 1, "INT"]]}
+    workflow = {
+        "nodes": [
+            _node(1, "LoadImage", ["a.png", "image"], outputs=[("IMAGE", [1])]),
+            _node(2, "Scale", inputs=[("image", "IMAGE", 1)], outputs=[("IMAGE", [2])], mode=4),  # bypassed
+            _node(3, "Reroute", inputs=[("", "*", 2)], outputs=[("IMAGE", [3])]),
+            _node(4, "Grid", [True], inputs=[("a", "IMAGE", 3), ("basis", "LORWEB_BASIS", None)]),
+            _node(5, "KSampler", [7, "fixed", 4, "euler", 0.5], inputs=[("seed", "INT", 4)]),
+            _node(6, "Note", ["models: ..."]),
+            _node(7, "Grid", [False], inputs=[("a", "IMAGE", None)], mode=2),  # muted
+        ],
+        "links": [[1, 1, 0, 2, 0, "IMAGE"], [2, 2, 0, 3, 0, "IMAGE"], [3, 3, 0, 4, 0, "IMAGE"], [4, 1, 0, 5, 1, "INT"]],
+    }
     prompt = ui_to_api(workflow, DEFINITIONS)
     assert prompt == {
         "1": {"class_type": "LoadImage", "inputs": {"image": "a.png"}},
         "4": {"class_type": "Grid", "inputs": {"reverse": True, "a": ["1", 0]}},
-        "5": {"class_type": "KSampler", "inputs": {"seed": ["1", 0], "steps": 4, "sampler_name": "euler",
-                                                   "denoise": 0.5}},
+        "5": {
+            "class_type": "KSampler",
+            "inputs": {"seed": ["1", 0], "steps": 4, "sampler_name": "euler", "denoise": 0.5},
+        },
     }
 
 

@@ -34,8 +34,12 @@ def wide(tmp_path_factory):
     """A random basis whose K*r (12) is below the layer widths, and one analogy's weights for it."""
     path = tmp_path_factory.mktemp("wide") / "wide.safetensors"
     modules = released_module_names(depth=1, single_depth=1)
-    write_safetensors(path, random_basis_tensors(modules, hidden=HIDDEN, mlp=4 * HIDDEN, num_loras=NUM_LORAS,
-                                                 rank=RANK, dtype=torch.float32, seed=3))
+    write_safetensors(
+        path,
+        random_basis_tensors(
+            modules, hidden=HIDDEN, mlp=4 * HIDDEN, num_loras=NUM_LORAS, rank=RANK, dtype=torch.float32, seed=3
+        ),
+    )
     basis = lorweb_ops.load_basis(path, use_cache=False)
     coefficients = lorweb_ops.mixing_coefficients(basis, torch.randn(basis.query_dim, generator=_seed(5)))
     return basis, MixWeights(basis.path, basis.modules, coefficients, 1.0)
@@ -78,9 +82,9 @@ def test_strength_is_not_folded_into_the_file(golden_basis, golden_weights):
 
 def test_reduce_rank_matches_the_dense_svd_without_building_it(wide):
     basis, weights = wide
-    module = "single_transformer_blocks.0.proj_out"          # [16, 80], K*r = 12
+    module = "single_transformer_blocks.0.proj_out"  # [16, 80], K*r = 12
     up, down = lorweb_ops.lowrank_factors(basis.weights[module], weights.coefficients[module])
-    dense = (up.double() @ down.double())
+    dense = up.double() @ down.double()
     sigma = torch.linalg.svdvals(dense)
     for rank in (1, 4, 11):
         up_k, down_k, kept = reduce_rank(up, down, rank)
@@ -170,8 +174,9 @@ def test_written_file_is_plain_safetensors_and_never_overwritten(tmp_path, golde
 def test_weights_of_another_basis_are_refused(golden_basis, golden_weights, wide):
     basis, weights = wide
     with pytest.raises(LoRWeBError, match="made for the basis wide.safetensors.*connect that basis"):
-        lorweb_ops.export_lora(golden_basis, MixWeights(weights.basis_path, golden_basis.modules,
-                                                        golden_weights.coefficients))
+        lorweb_ops.export_lora(
+            golden_basis, MixWeights(weights.basis_path, golden_basis.modules, golden_weights.coefficients)
+        )
     fewer = golden_basis.modules[:5]
     with pytest.raises(LoRWeBError, match="cover 5 modules .* has 20: 15 of the basis' modules are missing"):
         lorweb_ops.export_lora(golden_basis, MixWeights(golden_basis.path, fewer, golden_weights.coefficients))

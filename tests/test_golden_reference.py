@@ -55,8 +55,9 @@ def test_layer_outputs_match_reference_adapter_forward(name, golden):
     other_c = lorweb_ops.mixing_coefficients(other, golden["query_square"])
     checked = 0
     for module in released.modules:
-        delta = (lorweb_ops.delta_weight(other, module, other_c[module])
-                 - lorweb_ops.delta_weight(released, module, released_c[module]))
+        delta = lorweb_ops.delta_weight(other, module, other_c[module]) - lorweb_ops.delta_weight(
+            released, module, released_c[module]
+        )
         for x_key, kind in ((f"x3d::{module}", "y3d"), ("x2d_temb", "y2d")):
             y_other = golden.get(f"{name}::{kind}::{module}")
             y_released = golden.get(f"released_like::{kind}::{module}")

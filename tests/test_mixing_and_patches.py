@@ -49,10 +49,13 @@ def test_up_factor_is_a_view_of_the_basis_and_down_is_the_only_new_tensor(basis,
 def test_factors_equal_the_sum_of_weighted_basis_products(basis, coefficients):
     for module in basis.modules:
         weights = basis.weights[module]
-        expected = sum(c * (weights.lora_A[k].float() @ weights.lora_B[k].float()).T
-                       for k, c in enumerate(coefficients[module].tolist()))
-        torch.testing.assert_close(lorweb_ops.delta_weight(basis, module, coefficients[module]), expected,
-                                   rtol=0, atol=1e-6)
+        expected = sum(
+            c * (weights.lora_A[k].float() @ weights.lora_B[k].float()).T
+            for k, c in enumerate(coefficients[module].tolist())
+        )
+        torch.testing.assert_close(
+            lorweb_ops.delta_weight(basis, module, coefficients[module]), expected, rtol=0, atol=1e-6
+        )
 
 
 def test_composed_patches_cover_every_module_with_row_slices(basis, coefficients):
@@ -61,7 +64,11 @@ def test_composed_patches_cover_every_module_with_row_slices(basis, coefficients
     targets = {p.target.module: p.target for p in patches}
     qkv_k = targets["transformer_blocks.0.attn.add_k_proj"]
     assert (qkv_k.model_key, qkv_k.row_start, qkv_k.row_count, qkv_k.fused) == (
-        "diffusion_model.double_blocks.0.txt_attn.qkv.weight", 8, 8, True)
+        "diffusion_model.double_blocks.0.txt_attn.qkv.weight",
+        8,
+        8,
+        True,
+    )
     mlp = targets["single_transformer_blocks.0.proj_mlp"]
     assert (mlp.bfl_layer, mlp.row_start, mlp.row_count) == ("single_blocks.0.linear1", 24, 32)
     mod = targets["transformer_blocks.0.norm1_context.linear"]
@@ -76,7 +83,7 @@ def test_patches_need_coefficients_for_every_module(basis, coefficients):
 
 def test_analogy_must_fit_the_basis(basis):
     analogy = Analogy(torch.zeros(1, 15), "ca'-ca", {}, "CLIP", 15)
-    with pytest.raises(LoRWeBError, match="query mode \"ca'-ca\" but the basis uses \"cat-aa'b\""):
+    with pytest.raises(LoRWeBError, match='query mode "ca\'-ca" but the basis uses "cat-aa\'b"'):
         lorweb_ops.check_analogy_fits(analogy, basis.settings, basis.query_dim)
     vit_h = Analogy(torch.zeros(1, 3 * 1024), "cat-aa'b", {}, "ViT-H", 1024)
     with pytest.raises(LoRWeBError, match="3072 values.*1024 per image.*expects 15 \\(5 per image\\)"):

@@ -21,14 +21,19 @@ def test_library_and_pack_root_import_without_comfyui():
         " submodule_search_locations=['.'])\n"
         "pack = importlib.util.module_from_spec(spec); spec.loader.exec_module(pack)\n"
         "print(pack.WEB_DIRECTORY, callable(pack.comfy_entrypoint),"
-        " any(m == 'comfy' or m.startswith('comfy.') for m in sys.modules))")
+        " any(m == 'comfy' or m.startswith('comfy.') for m in sys.modules))"
+    )
     assert out.split() == ["./web", "True", "False"]
 
 
 def test_no_pickle_loading_anywhere():
     pattern = re.compile(r"torch\.load\(|pickle\.|allow_pickle\s*=\s*True|load_torch_file")
-    offenders = [f"{path.relative_to(ROOT)}:{n}" for path in PACK_CODE
-                 for n, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
+    offenders = [
+        f"{path.relative_to(ROOT)}:{n}"
+        for path in PACK_CODE
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
     assert not offenders, offenders
 
 

@@ -85,10 +85,18 @@ def test_image_round_trip_drops_alpha():
     torch.testing.assert_close(from_pil(pil), (rgba[..., :3] * 255).round() / 255, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("mode, expected", [
-    ("cat-aa'b", ["a", "a_prime", "b"]), ("ca'-ca", ["a", "a_prime"]), ("ca'-ca+cb", ["a", "a_prime", "b"]),
-    ("aa'bb'", ["grid"]), ("caa'bb'", ["grid"]), ("caa'b", ["grid_without_target"]), ("caa'", ["top_half"]),
-])
+@pytest.mark.parametrize(
+    "mode, expected",
+    [
+        ("cat-aa'b", ["a", "a_prime", "b"]),
+        ("ca'-ca", ["a", "a_prime"]),
+        ("ca'-ca+cb", ["a", "a_prime", "b"]),
+        ("aa'bb'", ["grid"]),
+        ("caa'bb'", ["grid"]),
+        ("caa'b", ["grid_without_target"]),
+        ("caa'", ["top_half"]),
+    ],
+)
 def test_every_external_mode_has_its_images(mode, expected):
     a, a_prime, b = (Image.new("RGB", (10, 8), c) for c in ("red", "green", "blue"))
     images = lorweb_ops.encoder_images(a, a_prime, b, mode)

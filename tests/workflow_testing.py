@@ -33,8 +33,20 @@ from lorweb_workflow import (  # noqa: E402
     widget_slots,
 )
 
-__all__ = ["CONTROL_VALUES", "FORWARD", "FRONTEND_ONLY_TYPES", "INPUT_IMAGES", "MODEL_FILES", "REVERSE", "WORKFLOWS",
-           "WORKFLOWS_DIR", "input_specs", "load_example", "ui_to_api", "widget_slots"]
+__all__ = [
+    "CONTROL_VALUES",
+    "FORWARD",
+    "FRONTEND_ONLY_TYPES",
+    "INPUT_IMAGES",
+    "MODEL_FILES",
+    "REVERSE",
+    "WORKFLOWS",
+    "WORKFLOWS_DIR",
+    "input_specs",
+    "load_example",
+    "ui_to_api",
+    "widget_slots",
+]
 
 
 def load_example(name: str) -> dict:

@@ -24,8 +24,7 @@ HOST_SUMMARY = pytest.StashKey[list]()
 
 @functools.cache
 def _prefix_of(python: str) -> str:
-    result = subprocess.run([python, "-c", "import sys; print(sys.prefix)"], capture_output=True, text=True,
-                            check=True)
+    result = subprocess.run([python, "-c", "import sys; print(sys.prefix)"], capture_output=True, text=True, check=True)
     return os.path.realpath(result.stdout.strip())
 
 
@@ -68,8 +67,11 @@ class ComfyHost:
 
     def support(self):
         """The test-only loader pack module, as ComfyUI imported it."""
-        return next(module for name, module in sys.modules.items()
-                    if name.replace("\\", "/").endswith("custom_nodes/" + SUPPORT_LINK_NAME))
+        return next(
+            module
+            for name, module in sys.modules.items()
+            if name.replace("\\", "/").endswith("custom_nodes/" + SUPPORT_LINK_NAME)
+        )
 
     def executor(self):
         import inspect
@@ -107,5 +109,3 @@ class ExecutionFailed(Exception):
         message = error.get("exception_message", error) if isinstance(error, dict) else error
         super().__init__(message)
         self.error = error
-
-

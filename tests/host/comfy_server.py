@@ -64,8 +64,22 @@ def running_server(base: Path) -> Iterator[str]:
     log_path = base / "server.log"
     with open(log_path, "w") as log:
         process = subprocess.Popen(
-            [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory",
-             str(base), "--disable-auto-launch"], cwd=COMFYUI_ROOT, stdout=log, stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                "main.py",
+                "--cpu",
+                "--listen",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--base-directory",
+                str(base),
+                "--disable-auto-launch",
+            ],
+            cwd=COMFYUI_ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         url = f"http://127.0.0.1:{port}"
         try:
             _wait_until_up(url, process, log_path)

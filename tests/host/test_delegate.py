@@ -15,4 +15,3 @@ def test_host_suite_in_comfyui_python(request):
     notable = [line for line in lines if line.startswith(("SKIPPED", "FAILED", "ERROR"))]
     request.config.stash[HOST_SUMMARY] = [header, *notable, *lines[-1:]]
     assert result.returncode == 0, result.stdout[-20000:] + result.stderr[-5000:]
-

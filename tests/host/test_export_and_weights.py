@@ -43,26 +43,47 @@ def files(host):
 
 # ---- graph pieces ------------------------------------------------------------------------------------
 
+
 def sampled(model: list, flux_path: str) -> dict:
     """Tiny Flux loader, a short Kontext-style sampling of ``model`` and the weight probe."""
     return {
         "flux": {"class_type": "LoRWeBTest_TinyFluxLoader", "inputs": {"path": flux_path}},
-        "text": {"class_type": "LoRWeBTest_RandomTextConditioning",
-                 "inputs": {"tokens": 5, "context_dim": 16, "pooled_dim": 8, "seed": 1}},
+        "text": {
+            "class_type": "LoRWeBTest_RandomTextConditioning",
+            "inputs": {"tokens": 5, "context_dim": 16, "pooled_dim": 8, "seed": 1},
+        },
         "latent": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 32, "height": 32, "batch_size": 1}},
-        "reference": {"class_type": "ReferenceLatent",
-                      "inputs": {"conditioning": ["text", 0], "latent": ["latent", 0]}},
+        "reference": {
+            "class_type": "ReferenceLatent",
+            "inputs": {"conditioning": ["text", 0], "latent": ["latent", 0]},
+        },
         "negative": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["text", 0]}},
-        "sample": {"class_type": "KSampler", "inputs": {
-            "model": model, "seed": 50, "steps": 2, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
-            "positive": ["reference", 0], "negative": ["negative", 0], "latent_image": ["latent", 0], "denoise": 1.0}},
+        "sample": {
+            "class_type": "KSampler",
+            "inputs": {
+                "model": model,
+                "seed": 50,
+                "steps": 2,
+                "cfg": 1.0,
+                "sampler_name": "euler",
+                "scheduler": "simple",
+                "positive": ["reference", 0],
+                "negative": ["negative", 0],
+                "latent_image": ["latent", 0],
+                "denoise": 1.0,
+            },
+        },
         "probe": {"class_type": "LoRWeBTest_ProbeWeights", "inputs": {"model": model, "samples": ["sample", 0]}},
     }
 
 
 def analogy_nodes(name: str, key: str) -> dict:
-    return {name: {"class_type": "LoRWeBTest_AnalogyFromQuery",
-                   "inputs": {"path": str(GOLDEN_TENSORS), "key": key, "query_mode": "cat-aa'b"}}}
+    return {
+        name: {
+            "class_type": "LoRWeBTest_AnalogyFromQuery",
+            "inputs": {"path": str(GOLDEN_TENSORS), "key": key, "query_mode": "cat-aa'b"},
+        }
+    }
 
 
 def applied(flux_path: str, key="query_square", strength=STRENGTH, basis=BASIS) -> dict:
@@ -70,8 +91,10 @@ def applied(flux_path: str, key="query_square", strength=STRENGTH, basis=BASIS) 
     prompt = sampled(["apply", 0], flux_path)
     prompt.update(analogy_nodes("analogy", key))
     prompt["basis"] = {"class_type": "LoRWeB_LoadBasis", "inputs": {"basis_name": basis, "config": "auto"}}
-    prompt["apply"] = {"class_type": "LoRWeB_ApplyBasis", "inputs": {
-        "model": ["flux", 0], "basis": ["basis", 0], "analogy": ["analogy", 0], "strength": strength}}
+    prompt["apply"] = {
+        "class_type": "LoRWeB_ApplyBasis",
+        "inputs": {"model": ["flux", 0], "basis": ["basis", 0], "analogy": ["analogy", 0], "strength": strength},
+    }
     return prompt
 
 
@@ -83,9 +106,16 @@ def without_sampling(prompt: dict) -> dict:
 
 
 def save_node(weights: list, prefix: str | list, rank: int = 0, basis: list | None = None) -> dict:
-    return {"class_type": "LoRWeB_SaveComposedLoRA", "inputs": {
-        "basis": basis or ["basis", 0], "weights": weights, "filename_prefix": prefix, "rank": rank,
-        "dtype": "float32"}}
+    return {
+        "class_type": "LoRWeB_SaveComposedLoRA",
+        "inputs": {
+            "basis": basis or ["basis", 0],
+            "weights": weights,
+            "filename_prefix": prefix,
+            "rank": rank,
+            "dtype": "float32",
+        },
+    }
 
 
 def run(host, prompt: dict) -> dict:
@@ -107,8 +137,10 @@ def load_with_stock_loader(host, files, lora_name: str, caplog, strength=STRENGT
     import comfy.model_management
 
     prompt = sampled(["lora", 0], files["flux"])
-    prompt["lora"] = {"class_type": "LoraLoaderModelOnly", "inputs": {
-        "model": ["flux", 0], "lora_name": lora_name, "strength_model": strength}}
+    prompt["lora"] = {
+        "class_type": "LoraLoaderModelOnly",
+        "inputs": {"model": ["flux", 0], "lora_name": lora_name, "strength_model": strength},
+    }
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         run(host, prompt)
@@ -145,6 +177,7 @@ def test_new_nodes_are_registered_with_tooltips_everywhere(host):
 
 # ---- Save Composed LoRA ------------------------------------------------------------------------------
 
+
 def test_saved_lora_loads_with_the_stock_loader_like_the_pack_patch(host, files, caplog):
     import comfy.model_management
 
@@ -161,8 +194,9 @@ def test_saved_lora_loads_with_the_stock_loader_like_the_pack_patch(host, files,
     path = host.models / "loras" / info["lora_name"]
     state = load_file(str(path))  # plain safetensors reads the whole file
     assert len(state) == 3 * len(files["basis"].modules)
-    assert all(k.startswith("transformer.") and k.endswith((".lora_A.weight", ".lora_B.weight", ".alpha"))
-               for k in state)
+    assert all(
+        k.startswith("transformer.") and k.endswith((".lora_A.weight", ".lora_B.weight", ".alpha")) for k in state
+    )
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata()
     assert metadata["lorweb_basis"] == BASIS and "non-commercial" in metadata["license"]
@@ -176,8 +210,12 @@ def test_saved_lora_loads_with_the_stock_loader_like_the_pack_patch(host, files,
 
 def test_the_unmatched_key_check_would_see_a_stray_key(host, files, caplog):
     """Positive control for the log capture above: a LoRA with a key ComfyUI cannot place is reported."""
-    exported = lorweb_ops.export_lora(files["basis"], lorweb_ops.MixWeights(
-        files["basis"].path, files["basis"].modules, {m: torch.ones(3) / 3 for m in files["basis"].modules}))
+    exported = lorweb_ops.export_lora(
+        files["basis"],
+        lorweb_ops.MixWeights(
+            files["basis"].path, files["basis"].modules, {m: torch.ones(3) / 3 for m in files["basis"].modules}
+        ),
+    )
     tensors = dict(exported.tensors)
     tensors["transformer.not_a_layer.lora_A.weight"] = torch.zeros(6, 8)
     write_safetensors(host.models / "loras" / "stray_key_control.safetensors", tensors)
@@ -213,15 +251,20 @@ def test_rank_reduced_lora_reports_energy_and_loads_cleanly(host, files, caplog)
     loaded, warnings = load_with_stock_loader(host, files, info["lora_name"], caplog, strength=1.0)
     assert warnings == []
     key = "transformer.transformer_blocks.0.attn.to_out.0"
-    expected = files["original"]["double_blocks.0.img_attn.proj.weight"] \
+    expected = (
+        files["original"]["double_blocks.0.img_attn.proj.weight"]
         + state[f"{key}.lora_B.weight"] @ state[f"{key}.lora_A.weight"]
+    )
     torch.testing.assert_close(loaded["double_blocks.0.img_attn.proj.weight"], expected, rtol=0, atol=1e-5)
     assert state[f"{key}.alpha"].item() == 2.0
 
 
 def test_a_filename_prefix_that_leaves_the_loras_folder_is_refused(host, files):
-    for prefix, message in (("../outside", "may not leave models/loras"), ("", "filename_prefix is empty"),
-                            ("/tmp/abs", "must be a relative name inside models/loras")):
+    for prefix, message in (
+        ("../outside", "may not leave models/loras"),
+        ("", "filename_prefix is empty"),
+        ("/tmp/abs", "must be a relative name inside models/loras"),
+    ):
         prompt = without_sampling(applied(files["flux"]))
         prompt["save"] = save_node(["apply", 1], prefix)
         with pytest.raises(PromptRejected) as rejected:
@@ -231,16 +274,23 @@ def test_a_filename_prefix_that_leaves_the_loras_folder_is_refused(host, files):
 
 # ---- Blend, Adjust, Apply Weights -----------------------------------------------------------------------
 
+
 def two_analogies_blended(flux_path: str, t: float, strength=STRENGTH) -> dict:
     """Two Apply nodes (square and non-square golden queries) -> Blend -> Apply LoRA Basis Weights."""
     prompt = applied(flux_path, strength=0.0)  # strength 0: only the weights are wanted from these
     prompt.update(analogy_nodes("analogy_2", "query_nonsquare"))
-    prompt["apply_2"] = {"class_type": "LoRWeB_ApplyBasis", "inputs": {
-        "model": ["flux", 0], "basis": ["basis", 0], "analogy": ["analogy_2", 0], "strength": 0.0}}
-    prompt["blend"] = {"class_type": "LoRWeB_BlendAnalogies",
-                       "inputs": {"weights_1": ["apply", 1], "weights_2": ["apply_2", 1], "t": t}}
-    prompt["apply_weights"] = {"class_type": "LoRWeB_ApplyWeights", "inputs": {
-        "model": ["flux", 0], "basis": ["basis", 0], "weights": ["blend", 0], "strength": strength}}
+    prompt["apply_2"] = {
+        "class_type": "LoRWeB_ApplyBasis",
+        "inputs": {"model": ["flux", 0], "basis": ["basis", 0], "analogy": ["analogy_2", 0], "strength": 0.0},
+    }
+    prompt["blend"] = {
+        "class_type": "LoRWeB_BlendAnalogies",
+        "inputs": {"weights_1": ["apply", 1], "weights_2": ["apply_2", 1], "t": t},
+    }
+    prompt["apply_weights"] = {
+        "class_type": "LoRWeB_ApplyWeights",
+        "inputs": {"model": ["flux", 0], "basis": ["basis", 0], "weights": ["blend", 0], "strength": strength},
+    }
     for node in ("sample", "probe"):
         prompt[node]["inputs"]["model"] = ["apply_weights", 0]
     return prompt
@@ -271,8 +321,10 @@ def test_apply_weights_equals_apply_basis_bitwise(host, files):
     direct = probed(host)
     comfy.model_management.unload_all_models()
     prompt = applied(files["flux"], strength=0.0)
-    prompt["apply_weights"] = {"class_type": "LoRWeB_ApplyWeights", "inputs": {
-        "model": ["flux", 0], "basis": ["basis", 0], "weights": ["apply", 1], "strength": STRENGTH}}
+    prompt["apply_weights"] = {
+        "class_type": "LoRWeB_ApplyWeights",
+        "inputs": {"model": ["flux", 0], "basis": ["basis", 0], "weights": ["apply", 1], "strength": STRENGTH},
+    }
     for node in ("sample", "probe"):
         prompt[node]["inputs"]["model"] = ["apply_weights", 0]
     run(host, prompt)
@@ -302,10 +354,14 @@ def test_apply_weights_node_outputs_match_apply_basis(host, files):
 
 def test_weights_for_another_basis_are_refused_before_anything_is_patched(host, files):
     prompt = applied(files["flux"], strength=0.0)
-    prompt["other"] = {"class_type": "LoRWeB_LoadBasis",
-                       "inputs": {"basis_name": "export_other_copy.safetensors", "config": "auto"}}
-    prompt["apply_weights"] = {"class_type": "LoRWeB_ApplyWeights", "inputs": {
-        "model": ["flux", 0], "basis": ["other", 0], "weights": ["apply", 1], "strength": STRENGTH}}
+    prompt["other"] = {
+        "class_type": "LoRWeB_LoadBasis",
+        "inputs": {"basis_name": "export_other_copy.safetensors", "config": "auto"},
+    }
+    prompt["apply_weights"] = {
+        "class_type": "LoRWeB_ApplyWeights",
+        "inputs": {"model": ["flux", 0], "basis": ["other", 0], "weights": ["apply", 1], "strength": STRENGTH},
+    }
     for node in ("sample", "probe"):
         prompt[node]["inputs"]["model"] = ["apply_weights", 0]
     with pytest.raises(ExecutionFailed) as failure:
@@ -318,19 +374,27 @@ def test_weights_for_another_basis_are_refused_before_anything_is_patched(host, 
     write_safetensors(host.models / "lorweb" / "export_two_blocks.safetensors", random_basis_tensors(modules))
     wider = lorweb_ops.load_basis(host.models / "lorweb" / "export_two_blocks.safetensors")
     model = host.support().TinyFluxLoader().load(files["flux"])[0]
-    weights = MixWeights(files["basis"].path, files["basis"].modules,
-                         lorweb_ops.mixing_coefficients(files["basis"], golden_tensors()["query_square"]))
+    weights = MixWeights(
+        files["basis"].path,
+        files["basis"].modules,
+        lorweb_ops.mixing_coefficients(files["basis"], golden_tensors()["query_square"]),
+    )
     apply_weights = host.nodes.NODE_CLASS_MAPPINGS["LoRWeB_ApplyWeights"]
-    with pytest.raises(ValueError, match=f"cover 20 modules of {BASIS} but the basis export_two_blocks.safetensors "
-                                         "has 34: 14 of the basis' modules are missing"):
+    with pytest.raises(
+        ValueError,
+        match=f"cover 20 modules of {BASIS} but the basis export_two_blocks.safetensors "
+        "has 34: 14 of the basis' modules are missing",
+    ):
         apply_weights.execute(model, wider, weights, 1.0)
     assert not model.patches
 
 
 def test_save_refuses_weights_of_another_basis(host, files):
     prompt = applied(files["flux"], strength=0.0)
-    prompt["other"] = {"class_type": "LoRWeB_LoadBasis",
-                       "inputs": {"basis_name": "export_other_copy.safetensors", "config": "auto"}}
+    prompt["other"] = {
+        "class_type": "LoRWeB_LoadBasis",
+        "inputs": {"basis_name": "export_other_copy.safetensors", "config": "auto"},
+    }
     prompt["save"] = save_node(["apply", 1], "lorweb_test/wrong", basis=["other", 0])
     with pytest.raises(ExecutionFailed, match=f"made for the basis {BASIS}"):
         run(host, prompt)
@@ -339,8 +403,10 @@ def test_save_refuses_weights_of_another_basis(host, files):
 
 def test_blending_weights_of_two_bases_is_refused(host, files):
     prompt = two_analogies_blended(files["flux"], 0.5)
-    prompt["other"] = {"class_type": "LoRWeB_LoadBasis",
-                       "inputs": {"basis_name": "export_other_copy.safetensors", "config": "auto"}}
+    prompt["other"] = {
+        "class_type": "LoRWeB_LoadBasis",
+        "inputs": {"basis_name": "export_other_copy.safetensors", "config": "auto"},
+    }
     prompt["apply_2"]["inputs"]["basis"] = ["other", 0]
     with pytest.raises(ExecutionFailed) as failure:
         run(host, prompt)
@@ -352,10 +418,14 @@ def test_adjust_mix_through_the_executor(host, files):
     import comfy.model_management
 
     prompt = applied(files["flux"], strength=0.0)
-    prompt["adjust"] = {"class_type": "LoRWeB_AdjustMix", "inputs": {
-        "weights": ["apply", 1], "temperature": 1.0, "top_k": 1, "override": "0=1.0"}}
-    prompt["apply_weights"] = {"class_type": "LoRWeB_ApplyWeights", "inputs": {
-        "model": ["flux", 0], "basis": ["basis", 0], "weights": ["adjust", 0], "strength": 1.0}}
+    prompt["adjust"] = {
+        "class_type": "LoRWeB_AdjustMix",
+        "inputs": {"weights": ["apply", 1], "temperature": 1.0, "top_k": 1, "override": "0=1.0"},
+    }
+    prompt["apply_weights"] = {
+        "class_type": "LoRWeB_ApplyWeights",
+        "inputs": {"model": ["flux", 0], "basis": ["basis", 0], "weights": ["adjust", 0], "strength": 1.0},
+    }
     for node in ("sample", "probe"):
         prompt[node]["inputs"]["model"] = ["apply_weights", 0]
     run(host, prompt)
@@ -370,8 +440,10 @@ def test_adjust_mix_through_the_executor(host, files):
 
 def test_bad_override_text_is_rejected_at_queue_time(host, files):
     prompt = without_sampling(applied(files["flux"], strength=0.0))
-    prompt["adjust"] = {"class_type": "LoRWeB_AdjustMix", "inputs": {
-        "weights": ["apply", 1], "temperature": 1.0, "top_k": 0, "override": "7=one"}}
+    prompt["adjust"] = {
+        "class_type": "LoRWeB_AdjustMix",
+        "inputs": {"weights": ["apply", 1], "temperature": 1.0, "top_k": 0, "override": "7=one"},
+    }
     prompt["save"] = save_node(["adjust", 0], "lorweb_test/never")
     with pytest.raises(PromptRejected) as rejected:
         run(host, prompt)
@@ -379,6 +451,7 @@ def test_bad_override_text_is_rejected_at_queue_time(host, files):
 
 
 # ---- reverse analogy ----------------------------------------------------------------------------------
+
 
 def test_reverse_switch_swaps_a_and_a_prime_in_the_query(host, files):
     from lorweb_ops.images import from_pil
@@ -401,8 +474,10 @@ def test_linked_values_are_checked_when_the_nodes_run(host, files):
     prompt["prefix"] = {"class_type": "PrimitiveString", "inputs": {"value": "lorweb_test/linked"}}
     prompt["strength"] = {"class_type": "PrimitiveFloat", "inputs": {"value": 1.0}}
     prompt["blend"]["inputs"]["t"] = ["t", 0]
-    prompt["adjust"] = {"class_type": "LoRWeB_AdjustMix", "inputs": {
-        "weights": ["blend", 0], "temperature": 1.0, "top_k": 0, "override": ["override_text", 0]}}
+    prompt["adjust"] = {
+        "class_type": "LoRWeB_AdjustMix",
+        "inputs": {"weights": ["blend", 0], "temperature": 1.0, "top_k": 0, "override": ["override_text", 0]},
+    }
     prompt["apply_weights"]["inputs"].update(weights=["adjust", 0], strength=["strength", 0])
     prompt["save"] = save_node(["apply_weights", 1], ["prefix", 0])
     outputs = run(host, prompt)

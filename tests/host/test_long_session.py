@@ -45,5 +45,7 @@ def test_two_hundred_alternating_analogies(host, files):  # noqa: F811
     comfy.model_management.unload_all_models()
     restored = model.model.diffusion_model.state_dict()
     assert all(torch.equal(restored[k], files["original"][k]) for k in files["original"])
-    print(f"\n{RUNS} runs; RSS after warm-up {baseline / 2**20:.0f} MiB, growth {100 * growth:+.2f}%"
-          f" ({GOLDEN_TENSORS.name})")
+    print(
+        f"\n{RUNS} runs; RSS after warm-up {baseline / 2**20:.0f} MiB, growth {100 * growth:+.2f}%"
+        f" ({GOLDEN_TENSORS.name})"
+    )

@@ -49,24 +49,48 @@ def files(host):
     return {"flux": str(flux_path), "original": original}
 
 
-def graph(flux_path: str, analogy: dict, basis_name="golden.safetensors", config="auto", strength=STRENGTH,
-          extra: dict | None = None) -> dict:
+def graph(
+    flux_path: str,
+    analogy: dict,
+    basis_name="golden.safetensors",
+    config="auto",
+    strength=STRENGTH,
+    extra: dict | None = None,
+) -> dict:
     """API-format prompt: tiny Flux -> Apply (basis, analogy) -> Kontext-style sampling -> weight probe."""
     prompt = {
         "flux": {"class_type": "LoRWeBTest_TinyFluxLoader", "inputs": {"path": flux_path}},
         "basis": {"class_type": "LoRWeB_LoadBasis", "inputs": {"basis_name": basis_name, "config": config}},
-        "apply": {"class_type": "LoRWeB_ApplyBasis", "inputs": {
-            "model": ["flux", 0], "basis": ["basis", 0], "analogy": ["analogy", 0], "strength": strength}},
-        "text": {"class_type": "LoRWeBTest_RandomTextConditioning",
-                 "inputs": {"tokens": 5, "context_dim": 16, "pooled_dim": 8, "seed": 1}},
+        "apply": {
+            "class_type": "LoRWeB_ApplyBasis",
+            "inputs": {"model": ["flux", 0], "basis": ["basis", 0], "analogy": ["analogy", 0], "strength": strength},
+        },
+        "text": {
+            "class_type": "LoRWeBTest_RandomTextConditioning",
+            "inputs": {"tokens": 5, "context_dim": 16, "pooled_dim": 8, "seed": 1},
+        },
         "latent": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 32, "height": 32, "batch_size": 1}},
-        "reference": {"class_type": "ReferenceLatent",
-                      "inputs": {"conditioning": ["text", 0], "latent": ["latent", 0]}},
+        "reference": {
+            "class_type": "ReferenceLatent",
+            "inputs": {"conditioning": ["text", 0], "latent": ["latent", 0]},
+        },
         "guidance": {"class_type": "FluxGuidance", "inputs": {"conditioning": ["reference", 0], "guidance": 2.5}},
         "negative": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["text", 0]}},
-        "sample": {"class_type": "KSampler", "inputs": {
-            "model": ["apply", 0], "seed": 50, "steps": 3, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
-            "positive": ["guidance", 0], "negative": ["negative", 0], "latent_image": ["latent", 0], "denoise": 1.0}},
+        "sample": {
+            "class_type": "KSampler",
+            "inputs": {
+                "model": ["apply", 0],
+                "seed": 50,
+                "steps": 3,
+                "cfg": 1.0,
+                "sampler_name": "euler",
+                "scheduler": "simple",
+                "positive": ["guidance", 0],
+                "negative": ["negative", 0],
+                "latent_image": ["latent", 0],
+                "denoise": 1.0,
+            },
+        },
         "probe": {"class_type": "LoRWeBTest_ProbeWeights", "inputs": {"model": ["apply", 0], "samples": ["sample", 0]}},
         "analogy": analogy,
     }
@@ -75,21 +99,32 @@ def graph(flux_path: str, analogy: dict, basis_name="golden.safetensors", config
 
 
 def golden_analogy() -> dict:
-    return {"class_type": "LoRWeBTest_AnalogyFromQuery",
-            "inputs": {"path": str(GOLDEN_TENSORS), "key": "query_square", "query_mode": "cat-aa'b"}}
+    return {
+        "class_type": "LoRWeBTest_AnalogyFromQuery",
+        "inputs": {"path": str(GOLDEN_TENSORS), "key": "query_square", "query_mode": "cat-aa'b"},
+    }
 
 
 def clip_analogy(a="a.png", a_prime="a_prime.png", b="b.png") -> tuple[dict, dict]:
     extra = {
-        "clip": {"class_type": "LoRWeBTest_TinyClipVisionLoader",
-                 "inputs": {"folder": str(GOLDEN / "tiny_clip_vision")}},
+        "clip": {
+            "class_type": "LoRWeBTest_TinyClipVisionLoader",
+            "inputs": {"folder": str(GOLDEN / "tiny_clip_vision")},
+        },
         "image_a": {"class_type": "LoadImage", "inputs": {"image": a}},
         "image_a_prime": {"class_type": "LoadImage", "inputs": {"image": a_prime}},
         "image_b": {"class_type": "LoadImage", "inputs": {"image": b}},
     }
-    node = {"class_type": "LoRWeB_EncodeAnalogy", "inputs": {
-        "clip_vision": ["clip", 0], "a": ["image_a", 0], "a_prime": ["image_a_prime", 0], "b": ["image_b", 0],
-        "basis": ["basis", 0]}}
+    node = {
+        "class_type": "LoRWeB_EncodeAnalogy",
+        "inputs": {
+            "clip_vision": ["clip", 0],
+            "a": ["image_a", 0],
+            "a_prime": ["image_a_prime", 0],
+            "b": ["image_b", 0],
+            "basis": ["basis", 0],
+        },
+    }
     return node, extra
 
 
@@ -189,6 +224,7 @@ def test_strength_zero_returns_the_model_unpatched(host, files):
 
 # ---- bad inputs: the message the user sees, and no weight touched ---------------------------------
 
+
 def run_failing(host, prompt) -> str:
     """Run a prompt that must fail; check that the model it loaded was left as it was. Returns the message."""
     host.support().LOADED.clear()
@@ -218,8 +254,10 @@ def test_basis_of_another_width_than_the_model(host, files, tmp_path):
     original = host.support().write_tiny_flux(flux_path, **wide)
     message = run_failing(host, graph(flux_path, golden_analogy()))
     assert "does not fit this Flux model (20 of 20 basis modules)" in message
-    assert "double_blocks.0.img_attn.proj is [16, 16] but transformer_blocks.0.attn.to_out.0 needs rows 0..8 x 8" \
-           " columns; double_blocks.0.img_attn.qkv is [48, 16] but" in message
+    assert (
+        "double_blocks.0.img_attn.proj is [16, 16] but transformer_blocks.0.attn.to_out.0 needs rows 0..8 x 8"
+        " columns; double_blocks.0.img_attn.qkv is [48, 16] but" in message
+    )
     model = host.support().TinyFluxLoader().load(flux_path)[0]
     apply = host.nodes.NODE_CLASS_MAPPINGS["LoRWeB_ApplyBasis"]
     basis = lorweb_ops.load_basis(GOLDEN_CKPT)
@@ -246,12 +284,26 @@ def test_an_sd15_model_is_refused(host):
     import comfy.model_patcher
     import comfy.supported_models
 
-    unet = dict(use_checkpoint=False, image_size=32, out_channels=4, use_spatial_transformer=True, legacy=False,
-                adm_in_channels=None, in_channels=4, model_channels=320, num_res_blocks=[2, 2, 2, 2],
-                transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], channel_mult=[1, 2, 4, 4], transformer_depth_middle=1,
-                use_linear_in_transformer=False, context_dim=768, num_heads=8,
-                transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], use_temporal_attention=False,
-                use_temporal_resblock=False)
+    unet = dict(
+        use_checkpoint=False,
+        image_size=32,
+        out_channels=4,
+        use_spatial_transformer=True,
+        legacy=False,
+        adm_in_channels=None,
+        in_channels=4,
+        model_channels=320,
+        num_res_blocks=[2, 2, 2, 2],
+        transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
+        channel_mult=[1, 2, 4, 4],
+        transformer_depth_middle=1,
+        use_linear_in_transformer=False,
+        context_dim=768,
+        num_heads=8,
+        transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+        use_temporal_attention=False,
+        use_temporal_resblock=False,
+    )
     config = comfy.supported_models.SD15(unet)
     model = config.get_model({}, "", device=torch.device("meta"))
     patcher = comfy.model_patcher.ModelPatcher(model, torch.device("cpu"), torch.device("cpu"))
@@ -263,9 +315,13 @@ def test_an_sd15_model_is_refused(host):
 
 
 def test_an_ordinary_lora_given_as_basis(host, files):
-    write_safetensors(host.models / "lorweb" / "ordinary_lora.safetensors", {
-        "transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 8),
-        "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(8, 4)})
+    write_safetensors(
+        host.models / "lorweb" / "ordinary_lora.safetensors",
+        {
+            "transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 8),
+            "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(8, 4),
+        },
+    )
     message = run_failing(host, graph(files["flux"], golden_analogy(), basis_name="ordinary_lora.safetensors"))
     assert "is an ordinary LoRA" in message and "LoraLoaderModelOnly" in message
 
@@ -282,7 +338,7 @@ def test_an_encoder_whose_size_does_not_match_the_basis(host, files):
 def test_an_analogy_for_another_query_mode(host, files):
     write_ai_toolkit_config(host.models / "lorweb" / "diff_mode.yaml", query_mode="ca'-ca+cb")
     message = run_failing(host, graph(files["flux"], golden_analogy(), config="diff_mode.yaml"))
-    assert "query mode \"cat-aa'b\" but the basis uses \"ca'-ca+cb\"" in message
+    assert 'query mode "cat-aa\'b" but the basis uses "ca\'-ca+cb"' in message
 
 
 def test_token_feature_query_mode_is_refused(host, files):

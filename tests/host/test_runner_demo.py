@@ -45,11 +45,30 @@ def test_the_real_graph_without_model_files_is_refused_naming_each_file(tmp_path
     image = tmp_path / "tile.png"
     Image.new("RGB", (32, 32), "white").save(image)
     empty_base = tmp_path / "base"
-    result = _run(tmp_path, "--a", str(image), "--a-prime", str(image), "--b", str(image), "--prompt", "x",
-                  "--out", str(tmp_path / "out"), "--cpu", "--comfy-args", f"--base-directory {empty_base}")
+    result = _run(
+        tmp_path,
+        "--a",
+        str(image),
+        "--a-prime",
+        str(image),
+        "--b",
+        str(image),
+        "--prompt",
+        "x",
+        "--out",
+        str(tmp_path / "out"),
+        "--cpu",
+        "--comfy-args",
+        f"--base-directory {empty_base}",
+    )
     assert result.returncode != 0 and "ComfyUI refused the workflow" in result.stderr
-    for name in ("flux1-dev-kontext_fp8_scaled.safetensors", "clip_l.safetensors",
-                 "t5xxl_fp8_e4m3fn_scaled.safetensors", "ae.safetensors", "clip-vit-large-patch14.safetensors",
-                 "lorweb_model.safetensors"):
+    for name in (
+        "flux1-dev-kontext_fp8_scaled.safetensors",
+        "clip_l.safetensors",
+        "t5xxl_fp8_e4m3fn_scaled.safetensors",
+        "ae.safetensors",
+        "clip-vit-large-patch14.safetensors",
+        "lorweb_model.safetensors",
+    ):
         assert name in result.stderr, name
     assert not (tmp_path / "out").exists()

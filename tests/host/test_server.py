@@ -58,8 +58,10 @@ def test_model_folder_lists_and_licence_note(server):
 def test_queue_rejects_a_missing_basis_with_a_clear_message(server):
     url, _ = server
     load = {"basis_name": "missing.safetensors", "config": "auto"}
-    prompt = {"1": {"class_type": "LoRWeB_LoadBasis", "inputs": load},
-              "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}}}
+    prompt = {
+        "1": {"class_type": "LoRWeB_LoadBasis", "inputs": load},
+        "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}},
+    }
     status, body = post_json(url + "/prompt", {"prompt": prompt, "client_id": "lorweb-tests"})
     assert status == 400
     details = json.dumps(body)

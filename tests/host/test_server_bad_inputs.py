@@ -38,9 +38,13 @@ def _write_bases(folder):
     (folder / "garbage.safetensors").write_bytes(b"definitely not tensors" * 10)
     data = (folder / "golden.safetensors").read_bytes()
     (folder / "truncated.safetensors").write_bytes(data[: len(data) - 500])
-    write_safetensors(folder / "ordinary_lora.safetensors", {
-        "transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 8),
-        "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(8, 4)})
+    write_safetensors(
+        folder / "ordinary_lora.safetensors",
+        {
+            "transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 8),
+            "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(8, 4),
+        },
+    )
     mixed = random_basis_tensors(released_module_names(1, 0))
     mixed.update(random_basis_tensors(released_module_names(0, 1), num_loras=4))
     write_safetensors(folder / "inconsistent.safetensors", mixed)
@@ -94,37 +98,84 @@ def with_batch(base) -> dict:
 
 
 BAD_CASES = {
-    "missing basis": (lambda b: graph(flux(b), golden_analogy(), basis_name="missing.safetensors"),
-                      "rejected", "was not found in the lorweb model folder"),
-    "name escaping the folder": (lambda b: graph(flux(b), golden_analogy(), basis_name="../tiny_flux.safetensors"),
-                                 "rejected", "names may not leave the folder"),
-    "missing config": (lambda b: graph(flux(b), golden_analogy(), config="nope.yaml"),
-                       "rejected", "config 'nope.yaml' was not found"),
-    "NaN strength": (lambda b: graph(flux(b), golden_analogy(), strength=float("nan")),
-                     "rejected", "strength must be a number between -10 and 10"),
-    "absurd strength": (lambda b: graph(flux(b), golden_analogy(), strength=1e9),
-                        "rejected", "strength must be a number between -10 and 10"),
-    "not a safetensors file": (lambda b: graph(flux(b), golden_analogy(), basis_name="garbage.safetensors"),
-                               "error", "could not be read as safetensors"),
-    "truncated file": (lambda b: graph(flux(b), golden_analogy(), basis_name="truncated.safetensors"),
-                       "error", "damaged or incomplete: download it again"),
-    "ordinary LoRA as basis": (lambda b: graph(flux(b), golden_analogy(), basis_name="ordinary_lora.safetensors"),
-                               "error", "is an ordinary LoRA"),
-    "inconsistent basis": (lambda b: graph(flux(b), golden_analogy(), basis_name="inconsistent.safetensors"),
-                           "error", "every module of a basis must agree"),
-    "NaN in the basis": (lambda b: graph(flux(b), golden_analogy(), basis_name="nan.safetensors"),
-                         "error", "contains NaN or Inf values"),
-    "malformed config": (lambda b: graph(flux(b), golden_analogy(), config="malformed.yaml"),
-                         "error", "is not readable YAML"),
-    "unknown config": (lambda b: graph(flux(b), golden_analogy(), config="unrelated.yaml"),
-                       "error", "is not an ai-toolkit training config"),
-    "token-feature query mode": (lambda b: graph(flux(b), golden_analogy(), config="token_mode.yaml"),
-                                 "error", "uses encoder token features"),
-    "encoder size vs basis": (lambda b: dict(with_clip(b), basis={"class_type": "LoRWeB_LoadBasis", "inputs": {
-                                  "basis_name": "query12.safetensors", "config": "auto"}}),
-                              "error", "expects 12 (4 per image)"),
-    "model of another width": (lambda b: graph(flux(b, "wide_flux.safetensors"), golden_analogy()),
-                               "error", "does not fit this Flux model"),
+    "missing basis": (
+        lambda b: graph(flux(b), golden_analogy(), basis_name="missing.safetensors"),
+        "rejected",
+        "was not found in the lorweb model folder",
+    ),
+    "name escaping the folder": (
+        lambda b: graph(flux(b), golden_analogy(), basis_name="../tiny_flux.safetensors"),
+        "rejected",
+        "names may not leave the folder",
+    ),
+    "missing config": (
+        lambda b: graph(flux(b), golden_analogy(), config="nope.yaml"),
+        "rejected",
+        "config 'nope.yaml' was not found",
+    ),
+    "NaN strength": (
+        lambda b: graph(flux(b), golden_analogy(), strength=float("nan")),
+        "rejected",
+        "strength must be a number between -10 and 10",
+    ),
+    "absurd strength": (
+        lambda b: graph(flux(b), golden_analogy(), strength=1e9),
+        "rejected",
+        "strength must be a number between -10 and 10",
+    ),
+    "not a safetensors file": (
+        lambda b: graph(flux(b), golden_analogy(), basis_name="garbage.safetensors"),
+        "error",
+        "could not be read as safetensors",
+    ),
+    "truncated file": (
+        lambda b: graph(flux(b), golden_analogy(), basis_name="truncated.safetensors"),
+        "error",
+        "damaged or incomplete: download it again",
+    ),
+    "ordinary LoRA as basis": (
+        lambda b: graph(flux(b), golden_analogy(), basis_name="ordinary_lora.safetensors"),
+        "error",
+        "is an ordinary LoRA",
+    ),
+    "inconsistent basis": (
+        lambda b: graph(flux(b), golden_analogy(), basis_name="inconsistent.safetensors"),
+        "error",
+        "every module of a basis must agree",
+    ),
+    "NaN in the basis": (
+        lambda b: graph(flux(b), golden_analogy(), basis_name="nan.safetensors"),
+        "error",
+        "contains NaN or Inf values",
+    ),
+    "malformed config": (
+        lambda b: graph(flux(b), golden_analogy(), config="malformed.yaml"),
+        "error",
+        "is not readable YAML",
+    ),
+    "unknown config": (
+        lambda b: graph(flux(b), golden_analogy(), config="unrelated.yaml"),
+        "error",
+        "is not an ai-toolkit training config",
+    ),
+    "token-feature query mode": (
+        lambda b: graph(flux(b), golden_analogy(), config="token_mode.yaml"),
+        "error",
+        "uses encoder token features",
+    ),
+    "encoder size vs basis": (
+        lambda b: dict(
+            with_clip(b),
+            basis={"class_type": "LoRWeB_LoadBasis", "inputs": {"basis_name": "query12.safetensors", "config": "auto"}},
+        ),
+        "error",
+        "expects 12 (4 per image)",
+    ),
+    "model of another width": (
+        lambda b: graph(flux(b, "wide_flux.safetensors"), golden_analogy()),
+        "error",
+        "does not fit this Flux model",
+    ),
     "image batch": (with_batch, "error", "scripts/run_analogy.py"),
     "image too small": (lambda b: with_clip(b, a_prime="tiny.png"), "error", "at least 16 pixels"),
 }

@@ -87,8 +87,11 @@ def _editor_inputs(definition: dict) -> list[tuple[str, str, bool]]:
     specs = input_specs(definition)
     sockets = [(spec.name, spec.type_name, False) for spec in specs if not spec.is_widget]
     types = {spec.name: spec.type_name for spec in specs}
-    widgets = [("upload", "IMAGEUPLOAD", True) if slot.role == "upload" else (slot.name, types[slot.name], True)
-               for slot in widget_slots(definition) if slot.role != "control"]
+    widgets = [
+        ("upload", "IMAGEUPLOAD", True) if slot.role == "upload" else (slot.name, types[slot.name], True)
+        for slot in widget_slots(definition)
+        if slot.role != "control"
+    ]
     return sockets + widgets
 
 
@@ -140,8 +143,14 @@ def test_the_reference_recipe_is_set(server, name):
     for node in prompt.values():
         by_type.setdefault(node["class_type"], []).append(node["inputs"])
     sampler = by_type["KSampler"][0]
-    assert (sampler["seed"], sampler["steps"], sampler["cfg"], sampler["sampler_name"], sampler["scheduler"],
-            sampler["denoise"]) == (50, 28, 1, "euler", "simple", 1)
+    assert (
+        sampler["seed"],
+        sampler["steps"],
+        sampler["cfg"],
+        sampler["sampler_name"],
+        sampler["scheduler"],
+        sampler["denoise"],
+    ) == (50, 28, 1, "euler", "simple", 1)
     reference = prompt[sampler["positive"][0]]["inputs"]["conditioning"][0]
     assert prompt[reference]["class_type"] == "ReferenceLatent"
     assert sampler["latent_image"] == prompt[reference]["inputs"]["latent"]  # the encoded grid, as Kontext's template

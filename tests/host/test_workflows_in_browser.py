@@ -13,8 +13,9 @@ from comfy_server import get_json, make_base, post_json, running_server
 from workflow_testing import WORKFLOWS, load_example, ui_to_api
 
 CHROMIUM = find_chromium()
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on this machine: install Debian's 'chromium' "
-                                                           "(.ci/run does it where it can)")
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None, reason="no Chromium on this machine: install Debian's 'chromium' (.ci/run does it where it can)"
+)
 #: top-level keys the editor adds or refreshes on every save
 VOLATILE_KEYS = {"id", "revision", "extra"}
 
@@ -34,16 +35,22 @@ async def _load_in_editor(url: str, profile) -> tuple[dict, dict, list[str]]:
     saved, prompts = {}, {}
     async with open_page(CHROMIUM, profile) as page:
         await page.send("Page.navigate", {"url": url})
-        await page.wait_for("window.app && window.app.graph && window.LiteGraph"
-                            " && window.LiteGraph.registered_node_types['LoRWeB_ApplyBasis']", timeout=90)
+        await page.wait_for(
+            "window.app && window.app.graph && window.LiteGraph"
+            " && window.LiteGraph.registered_node_types['LoRWeB_ApplyBasis']",
+            timeout=90,
+        )
         for name in WORKFLOWS:
             # fetched from the template route, as the template browser does
             template = f"/api/workflow_templates/{PACK_LINK_NAME}/{name}.json"
-            await page.evaluate(f"fetch({json.dumps(template)}).then(r => r.json())"
-                                f".then(w => window.app.loadGraphData(w, true, true, {json.dumps(name)}))")
+            await page.evaluate(
+                f"fetch({json.dumps(template)}).then(r => r.json())"
+                f".then(w => window.app.loadGraphData(w, true, true, {json.dumps(name)}))"
+            )
             saved[name] = json.loads(await page.evaluate("JSON.stringify(window.app.graph.serialize())"))
-            prompts[name] = json.loads(await page.evaluate(
-                "window.app.graphToPrompt().then(p => JSON.stringify(p.output))"))
+            prompts[name] = json.loads(
+                await page.evaluate("window.app.graphToPrompt().then(p => JSON.stringify(p.output))")
+            )
         return saved, prompts, list(page.errors)
 
 
@@ -59,8 +66,9 @@ def test_the_editor_saves_the_workflow_unchanged(editor_results, name):
 @pytest.mark.parametrize("name", WORKFLOWS)
 def test_the_editor_and_the_runner_make_the_same_prompt(editor_results, name):
     _, prompts, info, _ = editor_results
-    editor = {node_id: {"class_type": node["class_type"], "inputs": node["inputs"]}
-              for node_id, node in prompts[name].items()}  # without the editor's "_meta" titles
+    editor = {
+        node_id: {"class_type": node["class_type"], "inputs": node["inputs"]} for node_id, node in prompts[name].items()
+    }  # without the editor's "_meta" titles
     assert editor == ui_to_api(load_example(name), info)
 
 

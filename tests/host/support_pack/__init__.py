@@ -33,12 +33,27 @@ PROBES: dict = {}
 LOADED: dict = {}
 
 
-def flux_unet_config(hidden: int, mlp_ratio: float, heads: int, axes: list[int], depth: int, single_depth: int,
-                     context: int, vec: int) -> dict:
-    config = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=vec, context_in_dim=context,
-                  hidden_size=hidden, mlp_ratio=mlp_ratio, num_heads=heads, depth=depth,
-                  depth_single_blocks=single_depth, axes_dim=axes, theta=10000, patch_size=2, qkv_bias=True,
-                  guidance_embed=True, txt_ids_dims=[])
+def flux_unet_config(
+    hidden: int, mlp_ratio: float, heads: int, axes: list[int], depth: int, single_depth: int, context: int, vec: int
+) -> dict:
+    config = dict(
+        image_model="flux",
+        in_channels=16,
+        out_channels=16,
+        vec_in_dim=vec,
+        context_in_dim=context,
+        hidden_size=hidden,
+        mlp_ratio=mlp_ratio,
+        num_heads=heads,
+        depth=depth,
+        depth_single_blocks=single_depth,
+        axes_dim=axes,
+        theta=10000,
+        patch_size=2,
+        qkv_bias=True,
+        guidance_embed=True,
+        txt_ids_dims=[],
+    )
     known = {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)} | {"image_model"}
     return {k: v for k, v in config.items() if k in known}  # 0.3.64 has no txt_ids_dims
 
@@ -72,8 +87,9 @@ class TinyFluxLoader:
         model_config.set_inference_dtype(torch.float32, None)
         model = model_config.get_model(state, "")
         model.load_model_weights(state, "")
-        patcher = comfy.model_patcher.ModelPatcher(model, comfy.model_management.get_torch_device(),
-                                                   comfy.model_management.unet_offload_device())
+        patcher = comfy.model_patcher.ModelPatcher(
+            model, comfy.model_management.get_torch_device(), comfy.model_management.unet_offload_device()
+        )
         LOADED.update(model=patcher, path=path)
         return (patcher,)
 
@@ -110,7 +126,7 @@ def _identity_clip_layer(state: dict, index: int) -> dict:
     layer = {}
     for key, value in state.items():
         if key.startswith(template):
-            name = key[len(template):]
+            name = key[len(template) :]
             keep_one = name.startswith(("layer_norm1.weight", "layer_norm2.weight"))
             layer[prefix + name] = torch.ones_like(value) if keep_one else torch.zeros_like(value)
     return layer
@@ -133,8 +149,13 @@ class AnalogyFromQuery:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"path": ("STRING", {"default": ""}), "key": ("STRING", {"default": "query_square"}),
-                             "query_mode": ("STRING", {"default": "cat-aa'b"})}}
+        return {
+            "required": {
+                "path": ("STRING", {"default": ""}),
+                "key": ("STRING", {"default": "query_square"}),
+                "query_mode": ("STRING", {"default": "cat-aa'b"}),
+            }
+        }
 
     RETURN_TYPES = ("LORWEB_ANALOGY",)
     FUNCTION = "load"
@@ -150,8 +171,14 @@ class RandomTextConditioning:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"tokens": ("INT", {"default": 5}), "context_dim": ("INT", {"default": 16}),
-                             "pooled_dim": ("INT", {"default": 8}), "seed": ("INT", {"default": 0})}}
+        return {
+            "required": {
+                "tokens": ("INT", {"default": 5}),
+                "context_dim": ("INT", {"default": 16}),
+                "pooled_dim": ("INT", {"default": 8}),
+                "seed": ("INT", {"default": 0}),
+            }
+        }
 
     RETURN_TYPES = ("CONDITIONING",)
     FUNCTION = "make"
@@ -180,8 +207,9 @@ class ProbeWeights:
         comfy.model_management.load_models_gpu([model])
         state = model.model.diffusion_model.state_dict()
         PROBES.clear()
-        PROBES.update(model=model, samples=samples["samples"].clone(),
-                      weights={k: v.detach().clone() for k, v in state.items()})
+        PROBES.update(
+            model=model, samples=samples["samples"].clone(), weights={k: v.detach().clone() for k, v in state.items()}
+        )
         return {"ui": {"probed": [len(state)]}}
 
 
