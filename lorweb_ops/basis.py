@@ -21,7 +21,7 @@ import torch
 from .config import BasisSettings, resolve_settings
 from .errors import LoRWeBError
 from .flux_map import is_flux_module
-from .safetensors_io import read_safetensors, tensor_names
+from .safetensors_io import DTYPES, read_header, read_tensors
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _PARTS = {"lora_A": "lora_A", "lora_B": "lora_B", "lora_keys": "lora_keys", "att_lora_to_q.weight": "to_q"}
@@ -87,7 +87,7 @@ class LoraBasis:
             "parameters": self.num_parameters,
             "settings": self.settings.as_dict(),
             "settings_source": os.path.basename(self.settings_source),
-            "metadata": {key: value[:200] for key, value in self.metadata.items()},
+            "metadata": dict(self.metadata),  # bounded when the file is read
         }
 
     def with_settings(self, settings: BasisSettings, source: str) -> LoraBasis:
@@ -105,6 +105,8 @@ class _LoadedFile:
 _CACHE: OrderedDict[tuple, _LoadedFile] = OrderedDict()
 _CACHE_LOCK = threading.Lock()
 CACHE_SIZE = 2  # the released basis is ~1.7 GB; keep the current one and the previous one
+#: Bounds on the file metadata kept and shown in the node UI (it is text from the file).
+METADATA_ITEMS, METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 32, 64, 200
 
 
 def load_basis(path: str | os.PathLike, config: Any = None, *, use_cache: bool = True) -> LoraBasis:
@@ -139,17 +141,23 @@ def clear_basis_cache() -> None:
         _CACHE.clear()
 
 
-def _file_identity(path: str) -> tuple:
+def file_identity(path: str) -> tuple:
+    """What says "this is still the same file": its real path and every stat field a rewrite changes.
+
+    Size and mtime alone miss a file replaced in place with both kept (``cp -p``, ``touch -r``); a replacement
+    by rename changes the inode, and any write changes the ctime, which no user call can set back. A stat costs
+    microseconds, where hashing the released 1.7 GB file costs seconds (``benchmarks/load_probe.py``).
+    """
     real = os.path.realpath(path)
     try:
         stat = os.stat(real)
     except FileNotFoundError:
         raise LoRWeBError(f"LoRWeB basis file not found: {path}") from None
-    return real, stat.st_mtime_ns, stat.st_size
+    return real, stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
 
 
 def _load_file_cached(path: str) -> _LoadedFile:
-    identity = _file_identity(path)
+    identity = file_identity(path)
     with _CACHE_LOCK:
         if identity in _CACHE:
             _CACHE.move_to_end(identity)
@@ -163,17 +171,47 @@ def _load_file_cached(path: str) -> _LoadedFile:
 
 
 def _read_basis_file(path: str) -> _LoadedFile:
-    _file_identity(path)
+    file_identity(path)
     if not path.lower().endswith(".safetensors"):
         raise LoRWeBError(
             f"{os.path.basename(path)} is not a .safetensors file. Only safetensors bases are loaded "
             "(pickled .pt/.ckpt/.bin files can run code); use the released lorweb .safetensors file."
         )
-    grouped = _group_keys(tensor_names(path), path)  # refuse a wrong file before reading its data
-    tensors, metadata = read_safetensors(path)
-    weights = {module: _module_basis(module, parts, tensors, path) for module, parts in grouped.items()}
+    header = read_header(path)
+    grouped = _group_keys(header.names, path)
+    # Every check of form and size runs on the header alone (meta tensors): nothing is allocated for a bad file.
+    described = {name: _meta_tensor(entry, name, path) for name, entry in header.entries.items()}
+    _check_modules(grouped, described, path)
+    tensors = read_tensors(path, header)
+    weights = _check_modules(grouped, tensors, path, values=True)
+    return _LoadedFile(MappingProxyType(weights), MappingProxyType(_bounded_metadata(header.metadata)))
+
+
+def _meta_tensor(entry, name: str, path: str) -> torch.Tensor:
+    dtype = DTYPES.get(entry.dtype)
+    if dtype not in SUPPORTED_DTYPES:
+        raise LoRWeBError(
+            f"{os.path.basename(path)}: {_clip(name)} is {entry.dtype}; a basis must be float16, bfloat16 or "
+            "float32. Use the released LoRWeB basis file."
+        )
+    return torch.empty(entry.shape, dtype=dtype, device="meta")
+
+
+def _check_modules(grouped: dict, tensors: dict, path: str, values: bool = False) -> dict[str, ModuleBasis]:
+    weights = {module: _module_basis(module, parts, tensors, path, values=values) for module, parts in grouped.items()}
     _check_consistent(weights, path)
-    return _LoadedFile(MappingProxyType(weights), MappingProxyType(metadata))
+    return weights
+
+
+def _bounded_metadata(metadata: dict[str, str]) -> dict[str, str]:
+    """Header metadata kept for display: at most METADATA_ITEMS entries, keys and values cut to a bounded length."""
+    items = list(metadata.items())[:METADATA_ITEMS]
+    return {_clip(key, METADATA_KEY_CHARS): _clip(value, METADATA_VALUE_CHARS) for key, value in items}
+
+
+def _clip(text: str, limit: int = 120) -> str:
+    """Text from a file, bounded for a message or the UI."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _group_keys(names: list[str], path: str) -> dict[str, dict[str, str]]:
@@ -197,30 +235,34 @@ def _group_keys(names: list[str], path: str) -> dict[str, dict[str, str]]:
     if not grouped:
         raise LoRWeBError(
             f"{file} is not a LoRWeB basis: it has no transformer.<module>.lora_A / lora_B / lora_keys tensors "
-            f"for Flux blocks ({len(names)} tensors, e.g. {names[:3]}). Use the released LoRWeB basis file."
+            f"for Flux blocks ({len(names)} tensors, e.g. {_examples(names)}). Use the released LoRWeB basis file."
         )
     if unknown:
         raise LoRWeBError(
             f"{file} has {len(unknown)} tensors that are not part of a LoRWeB basis for Flux blocks, "
-            f"e.g. {unknown[:3]}. Use an unmodified LoRWeB checkpoint."
+            f"e.g. {_examples(unknown)}. Use an unmodified LoRWeB checkpoint."
         )
     return grouped
 
 
-def _module_basis(module: str, parts: dict[str, str], tensors: dict, path: str) -> ModuleBasis:
+def _examples(names: list[str]) -> str:
+    return ", ".join(repr(_clip(name, 80)) for name in names[:3]) or "none"
+
+
+def _module_basis(module: str, parts: dict[str, str], tensors: dict, path: str, values: bool) -> ModuleBasis:
     missing = [p for p in ("lora_A", "lora_B", "lora_keys") if p not in parts]
     if missing:
         raise LoRWeBError(
             f"{os.path.basename(path)}: module {module} lacks {', '.join(missing)}; the basis is incomplete. "
             "Download the LoRWeB basis again."
         )
-    values = {part: tensors[name] for part, name in parts.items()}
-    for part, tensor in values.items():
-        _check_tensor(module, part, tensor, path)
-    return ModuleBasis(values["lora_A"], values["lora_B"], values["lora_keys"], values.get("to_q"))
+    found = {part: tensors[name] for part, name in parts.items()}
+    for part, tensor in found.items():
+        _check_tensor(module, part, tensor, path, check_values=values)
+    return ModuleBasis(found["lora_A"], found["lora_B"], found["lora_keys"], found.get("to_q"))
 
 
-def _check_tensor(module: str, part: str, tensor: torch.Tensor, path: str) -> None:
+def _check_tensor(module: str, part: str, tensor: torch.Tensor, path: str, check_values: bool) -> None:
     file = os.path.basename(path)
     expected_ndim = 3 if part in ("lora_A", "lora_B") else 2
     if tensor.ndim != expected_ndim:
@@ -230,7 +272,12 @@ def _check_tensor(module: str, part: str, tensor: torch.Tensor, path: str) -> No
         )
     if tensor.dtype not in SUPPORTED_DTYPES:
         raise LoRWeBError(f"{file}: {module}.{part} is {tensor.dtype}; a basis must be float16, bfloat16 or float32.")
-    if not torch.isfinite(tensor).all():
+    if 0 in tensor.shape:
+        raise LoRWeBError(
+            f"{file}: {module}.{part} has shape {list(tensor.shape)}, with a dimension of size 0; the basis is "
+            "degenerate (no LoRAs, rank 0 or empty layers). Use the released LoRWeB basis file."
+        )
+    if check_values and not torch.isfinite(tensor).all():
         raise LoRWeBError(
             f"{file}: {module}.{part} contains NaN or Inf values; the basis is corrupted. Download it again."
         )

@@ -30,6 +30,7 @@ QUERY_MODE_EMBEDDINGS = {
 TOKEN_FEATURE_MODES = ("paa'b", "paa'b3", "cat-paa'b", "cat-paa'b3")
 
 MIXING_TYPES = ("mean", "sum")
+MAX_HEADS = 1024  # far above any key size a basis has (the released one: 128)
 PROJECTION_TYPES = ("linear", "none")
 
 
@@ -83,39 +84,152 @@ def find_config_beside(basis_path: str) -> str | None:
     return None
 
 
+#: An ai-toolkit config is a few kB. These bounds keep a hostile file to well under a second and a few MB.
+MAX_CONFIG_BYTES = 256 * 1024
+MAX_CONFIG_DEPTH = 32
+MAX_CONFIG_NODES = 20_000
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class _ConfigTooComplex(Exception):
+    pass
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe composer with a bound on nesting and on the number of nodes.
+
+    Only the node graph is built (aliases stay references to one node, so nothing is expanded); the few values
+    the pack needs are constructed from it afterwards, one scalar at a time.
+    """
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0
+        self._nodes = 0
+
+    def compose_node(self, parent, index):
+        self._depth += 1
+        self._nodes += 1
+        if self._depth > MAX_CONFIG_DEPTH:
+            raise _ConfigTooComplex(f"it nests deeper than {MAX_CONFIG_DEPTH} levels")
+        if self._nodes > MAX_CONFIG_NODES:
+            raise _ConfigTooComplex(f"it has more than {MAX_CONFIG_NODES} values")
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
 def settings_from_yaml(path: str) -> BasisSettings:
     """Read ``config.process[0].network.network_kwargs`` of an ai-toolkit training config."""
-    if not os.path.isfile(path):
-        raise LoRWeBError(f"LoRWeB config file not found: {path}. Give the config.yaml saved beside the basis.")
+    text = _read_config_text(path)
+    loader = _BoundedLoader(text)
     try:
-        with open(path, encoding="utf-8") as handle:
-            document = yaml.safe_load(handle)
-    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        document = loader.get_single_node()
+        kwargs = _network_kwargs(document, loader, path)
+    except _ConfigTooComplex as error:
         raise LoRWeBError(
-            f"{path} is not readable YAML ({error}). Give the ai-toolkit config.yaml saved beside the basis."
+            f"{path} is not an ai-toolkit config: {error}. Give the config.yaml saved beside the basis."
         ) from None
-    kwargs = _network_kwargs(document, path)
+    except yaml.YAMLError as error:
+        raise LoRWeBError(
+            f"{path} is not readable YAML ({show(str(error), 200)}). Give the ai-toolkit config.yaml saved "
+            "beside the basis."
+        ) from None
+    finally:
+        loader.dispose()
     return settings_from_kwargs(kwargs, path)
 
 
-def _network_kwargs(document: Any, path: str) -> Mapping:
+def _read_config_text(path: str) -> str:
+    if not os.path.isfile(path):
+        raise LoRWeBError(f"LoRWeB config file not found: {path}. Give the config.yaml saved beside the basis.")
+    with open(path, "rb") as handle:
+        raw = handle.read(MAX_CONFIG_BYTES + 1)
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise LoRWeBError(
+            f"{path} is larger than {MAX_CONFIG_BYTES // 1024} kB; an ai-toolkit config.yaml is a few kB. Give the "
+            "config.yaml saved beside the basis."
+        )
     try:
-        network = document["config"]["process"][0]["network"]
-    except (KeyError, IndexError, TypeError):
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise LoRWeBError(
+            f"{path} is not UTF-8 text. Give the ai-toolkit config.yaml saved beside the basis."
+        ) from None
+
+
+def _network_kwargs(document: yaml.Node | None, loader: _BoundedLoader, path: str) -> dict[str, Any]:
+    network = _child(_child(_child(document, "config"), "process"), 0)
+    network = _child(network, "network")
+    if not isinstance(network, yaml.MappingNode):
         raise LoRWeBError(
             f"{path} is not an ai-toolkit training config: it has no config.process[0].network section. "
             "Give the config.yaml saved beside the LoRWeB checkpoint, or choose 'auto'."
-        ) from None
-    if not isinstance(network, Mapping) or str(network.get("type", "attlora")).lower() != "attlora":
-        kind = network.get("type") if isinstance(network, Mapping) else network
+        )
+    kind = _child(network, "type")
+    kind = "attlora" if kind is None else _scalar(kind, loader, "network.type", path)
+    if str(kind).lower() != "attlora":
         raise LoRWeBError(
-            f"{path} describes a network of type {kind!r}, not a LoRWeB basis ('attlora'). "
+            f"{path} describes a network of type {show(kind)}, not a LoRWeB basis ('attlora'). "
             "Give the config.yaml that was saved with the LoRWeB checkpoint."
         )
-    kwargs = network.get("network_kwargs") or {}
-    if not isinstance(kwargs, Mapping):
-        raise LoRWeBError(f"{path}: network.network_kwargs must be a mapping, found {type(kwargs).__name__}.")
-    return kwargs
+    kwargs = _child(network, "network_kwargs")
+    if kwargs is None or (isinstance(kwargs, yaml.ScalarNode) and kwargs.tag.endswith(":null")):
+        return {}
+    if not isinstance(kwargs, yaml.MappingNode):
+        raise LoRWeBError(f"{path}: network.network_kwargs must be a mapping, found a {_node_kind(kwargs)}.")
+    wanted = _KNOWN_KEYS | {"external_query"}
+    return {
+        key.value: _scalar(value, loader, f"network_kwargs.{key.value}", path)
+        for key, value in _entries(kwargs, path)
+        if key.value in wanted
+    }
+
+
+def _child(node: yaml.Node | None, key: str | int) -> yaml.Node | None:
+    """``node[key]`` on the composed graph (the last of repeated keys wins, as in PyYAML), or None."""
+    if isinstance(key, int):
+        return node.value[key] if isinstance(node, yaml.SequenceNode) and len(node.value) > key else None
+    if not isinstance(node, yaml.MappingNode):
+        return None
+    found = None
+    for name, value in node.value:
+        if isinstance(name, yaml.ScalarNode) and name.value == key:
+            found = value
+    return found
+
+
+def _entries(node: yaml.MappingNode, path: str) -> list[tuple[yaml.ScalarNode, yaml.Node]]:
+    if any(name.tag == _MERGE_TAG for name, _ in node.value):
+        raise LoRWeBError(f"{path}: network_kwargs uses a YAML merge key (<<); write its values out instead.")
+    return [(name, value) for name, value in node.value if isinstance(name, yaml.ScalarNode)]
+
+
+def _scalar(node: yaml.Node, loader: _BoundedLoader, name: str, path: str) -> Any:
+    if not isinstance(node, yaml.ScalarNode):
+        raise LoRWeBError(f"{path}: {name} must be a single value, found a {_node_kind(node)}.")
+    try:
+        return loader.construct_object(node, deep=True)
+    except (yaml.YAMLError, ValueError):
+        raise LoRWeBError(f"{path}: {name} has a value YAML cannot read: {show(node.value)}.") from None
+
+
+def _node_kind(node: yaml.Node) -> str:
+    return {yaml.MappingNode: "mapping", yaml.SequenceNode: "list"}.get(type(node), "value")
+
+
+def show(value: Any, limit: int = 60) -> str:
+    """A bounded repr for messages: values from files or clients may be of any size or type."""
+    if isinstance(value, bool) or value is None or isinstance(value, float):
+        text = repr(value)
+    elif isinstance(value, int):
+        text = repr(value) if abs(value) < 10**limit else f"an integer of {value.bit_length()} bits"
+    elif isinstance(value, str):
+        text = repr(value[:limit] + "…") if len(value) > limit else repr(value)
+    else:
+        text = f"a {type(value).__name__}"
+    return text
 
 
 def settings_from_kwargs(kwargs: Mapping, source: str) -> BasisSettings:
@@ -127,7 +241,9 @@ def settings_from_kwargs(kwargs: Mapping, source: str) -> BasisSettings:
         )
     values = {key: kwargs[key] for key in _KNOWN_KEYS if kwargs.get(key) is not None}
     settings = BasisSettings(
-        query_mode=check_query_mode(str(values.get("query_mode", RELEASED_SETTINGS.query_mode)), source),
+        query_mode=check_query_mode(
+            _text(values.get("query_mode", RELEASED_SETTINGS.query_mode), "query_mode", source), source
+        ),
         lora_heads=_check_heads(values.get("lora_heads", RELEASED_SETTINGS.lora_heads), source),
         lora_softmax=_as_bool(values.get("lora_softmax", RELEASED_SETTINGS.lora_softmax), "lora_softmax", source),
         mixing_coeffs_type=_check_choice(
@@ -142,7 +258,9 @@ def settings_from_kwargs(kwargs: Mapping, source: str) -> BasisSettings:
             "query_projection_type",
             source,
         ),
-        external_query_model=str(values.get("external_query_model", RELEASED_SETTINGS.external_query_model)),
+        external_query_model=_text(
+            values.get("external_query_model", RELEASED_SETTINGS.external_query_model), "external_query_model", source
+        ),
     )
     return settings
 
@@ -158,22 +276,28 @@ def check_query_mode(mode: str, source: str) -> str:
             + "."
         )
     raise LoRWeBError(
-        f"{source}: unknown query_mode {mode!r}. Supported modes: " + ", ".join(QUERY_MODE_EMBEDDINGS) + "."
+        f"{source}: unknown query_mode {show(mode)}. Supported modes: " + ", ".join(QUERY_MODE_EMBEDDINGS) + "."
     )
 
 
 def _check_heads(value: Any, source: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip().isdigit():
-        raise LoRWeBError(f"{source}: lora_heads must be a positive whole number, found {value!r}.")
-    heads = int(value)
-    if heads < 1:
-        raise LoRWeBError(f"{source}: lora_heads must be a positive whole number, found {value!r}.")
-    return heads
+    text = value.strip() if isinstance(value, str) else None
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_HEADS:
+        return value
+    if text is not None and text.isdigit() and len(text) <= 4 and 1 <= int(text) <= MAX_HEADS:
+        return int(text)
+    raise LoRWeBError(f"{source}: lora_heads must be a whole number from 1 to {MAX_HEADS}, found {show(value)}.")
+
+
+def _text(value: Any, name: str, source: str) -> str:
+    if not isinstance(value, str):
+        raise LoRWeBError(f"{source}: {name} must be text, found {show(value)}.")
+    return value
 
 
 def _check_choice(value: Any, choices: tuple[str, ...], name: str, source: str) -> str:
-    if value not in choices:
-        raise LoRWeBError(f"{source}: {name} must be one of {', '.join(choices)}, found {value!r}.")
+    if not isinstance(value, str) or value not in choices:
+        raise LoRWeBError(f"{source}: {name} must be one of {', '.join(choices)}, found {show(value)}.")
     return value
 
 
@@ -183,4 +307,4 @@ def _as_bool(value: Any, name: str, source: str) -> bool:
         return value
     if isinstance(value, str) and value.strip().lower() in ("true", "false"):
         return value.strip().lower() == "true"
-    raise LoRWeBError(f"{source}: {name} must be true or false, found {value!r}.")
+    raise LoRWeBError(f"{source}: {name} must be true or false, found {show(value)}.")

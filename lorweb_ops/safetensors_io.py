@@ -1,9 +1,12 @@
-"""Read a .safetensors file straight into tensors, one read per tensor, without memory-mapping it.
+"""Read a .safetensors file: the safetensors library validates it, plain reads copy its bytes out.
 
-Why not ``safetensors.safe_open``: it maps the file and copies each tensor out, so while a 1.7 GB basis loads
-the process holds the touched file pages *and* the copies (close to twice the file size). Reading each tensor
-into its own buffer keeps the peak at about the file size. The format is simple and safe to parse by hand:
-8 bytes of little-endian header length, a JSON header, then raw little-endian tensor data. Nothing is unpickled.
+Why both: the library is the authority on the format (offsets, sizes, dtypes, coverage of the file, header
+limits), so every header it refuses is refused here with its own reason. But its tensors are views of a shared
+memory map: a file rewritten in place changes the loaded basis under us without a word, and a file cut short
+while mapped kills the process (SIGBUS). Copying through the map instead holds the mapped pages and the copies
+at once (about twice the file). So, after the library accepted the header, each tensor is read with one plain
+read into its own buffer at the offsets the library validated: memory about the file size, and the tensors
+belong to us. ``benchmarks/load_probe.py`` measures the three ways side by side.
 """
 
 from __future__ import annotations
@@ -11,8 +14,10 @@ from __future__ import annotations
 import json
 import os
 import struct
+from dataclasses import dataclass
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from .errors import LoRWeBError
 
@@ -28,80 +33,116 @@ DTYPES = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
+#: A LoRWeB basis header is ~0.3 MB (494 modules x 4 tensors); refuse far larger ones before parsing them.
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+#: 494 Flux modules x 4 tensors is the most a basis holds; a file with many more is not a basis.
+MAX_TENSORS = 8192
 
 
-def tensor_names(path: str) -> list[str]:
-    """The tensor names of a file in storage order, reading only its header."""
+@dataclass(frozen=True)
+class TensorEntry:
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int  # byte offsets into the data section
+    end: int
+
+
+@dataclass(frozen=True)
+class Header:
+    """What a file holds, as validated by the safetensors library: tensors in storage order, and metadata."""
+
+    entries: dict[str, TensorEntry]
+    metadata: dict[str, str]
+    data_start: int
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.entries)
+
+
+def read_header(path: str) -> Header:
+    """Validate the file with the safetensors library and return its header; reads no tensor data."""
     name = os.path.basename(path)
+    try:
+        with safe_open(path, framework="pt") as handle:
+            names = handle.offset_keys()
+            if len(names) > MAX_TENSORS:
+                raise _damaged(name, f"it holds {len(names)} tensors; a LoRWeB basis holds at most {MAX_TENSORS}")
+            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in names}
+            metadata = dict(handle.metadata() or {})
+    except SafetensorError as error:
+        raise _damaged(name, f"the safetensors library refuses it ({_short(error)})") from None
+    except OSError as error:
+        raise LoRWeBError(f"{name} could not be opened ({error.strerror or type(error).__name__}).") from None
+    raw, data_start = _header_bytes(path, name)
+    entries = _entries(raw, names, shapes, name)
+    return Header(entries, metadata, data_start)
+
+
+def read_tensors(path: str, header: Header, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors ``names`` (default all), in storage order, each read into memory of its own."""
+    name = os.path.basename(path)
+    wanted = header.names if names is None else [key for key in header.names if key in set(names)]
+    tensors = {}
     with open(path, "rb") as handle:
-        header, _ = _read_header(handle, os.path.getsize(path), name)
-    header.pop("__metadata__", None)
-    return [key for key, _ in sorted(header.items(), key=lambda item: _offsets(item, name)[0])]
+        for key in wanted:
+            entry = header.entries[key]
+            tensors[key] = _read_tensor(handle, header.data_start + entry.begin, entry, key, name)
+    return tensors
 
 
 def read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors in storage order, and the header metadata. Raises LoRWeBError on anything malformed."""
-    name = os.path.basename(path)
-    size = os.path.getsize(path)
+    """Every tensor in storage order, and the header metadata. Raises LoRWeBError on anything malformed."""
+    header = read_header(path)
+    return read_tensors(path, header), header.metadata
+
+
+def _header_bytes(path: str, name: str) -> tuple[bytes, int]:
     with open(path, "rb") as handle:
-        header, data_start = _read_header(handle, size, name)
-        metadata = header.pop("__metadata__", None) or {}
-        entries = sorted(header.items(), key=lambda item: _offsets(item, name)[0])
-        tensors = {}
-        for key, entry in entries:
-            begin, end = _offsets((key, entry), name)
-            if data_start + end > size:
-                raise _damaged(name, f"tensor {key} ends at byte {data_start + end} but the file has {size} bytes")
-            tensors[key] = _read_tensor(handle, data_start + begin, end - begin, key, entry, name)
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise _damaged(name, "its __metadata__ is not a mapping of strings")
-    return tensors, metadata
+        (length,) = struct.unpack("<Q", handle.read(8))
+        if length > MAX_HEADER_BYTES:
+            raise _damaged(
+                name, f"its header has {length} bytes; a LoRWeB basis header has well under {MAX_HEADER_BYTES}"
+            )
+        return handle.read(length), 8 + length
 
 
-def _read_header(handle, size: int, name: str) -> tuple[dict, int]:
-    prefix = handle.read(8)
-    if len(prefix) < 8:
-        raise _damaged(name, f"it has only {size} bytes")
-    (length,) = struct.unpack("<Q", prefix)
-    if length > MAX_HEADER_BYTES or 8 + length > size:
-        raise _damaged(name, "its header size is impossible (this is not a safetensors file, or it is cut short)")
-    try:
-        header = json.loads(handle.read(length))
-    except (UnicodeDecodeError, ValueError):
-        raise _damaged(name, "its header is not valid JSON") from None
-    if not isinstance(header, dict):
-        raise _damaged(name, "its header is not a JSON object")
-    return header, 8 + length
+def _entries(raw: bytes, names: list[str], shapes: dict, name: str) -> dict[str, TensorEntry]:
+    """The offsets of each tensor, cross-checked against what the library validated (a second parse must agree)."""
+    document = json.loads(raw)
+    document.pop("__metadata__", None)
+    entries = {}
+    for key in names:
+        item = document.get(key)
+        begin, end = item["data_offsets"]
+        entry = TensorEntry(item["dtype"], tuple(item["shape"]), begin, end)
+        if entry.shape != shapes[key]:
+            raise _damaged(name, f"tensor {_short(key)} is described twice, differently")
+        entries[key] = entry
+    if len(document) != len(names):
+        raise _damaged(name, "its header names some tensors twice")
+    return entries
 
 
-def _offsets(item: tuple[str, dict], name: str) -> tuple[int, int]:
-    key, entry = item
-    try:
-        begin, end = entry["data_offsets"]
-    except (KeyError, TypeError, ValueError):
-        raise _damaged(name, f"tensor {key} has no valid data_offsets") from None
-    if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end):
-        raise _damaged(name, f"tensor {key} has invalid data_offsets {entry['data_offsets']}")
-    return begin, end
-
-
-def _read_tensor(handle, start: int, nbytes: int, key: str, entry: dict, name: str) -> torch.Tensor:
-    dtype = DTYPES.get(entry.get("dtype"))
-    shape = entry.get("shape")
+def _read_tensor(handle, start: int, entry: TensorEntry, key: str, name: str) -> torch.Tensor:
+    dtype = DTYPES.get(entry.dtype)
     if dtype is None:
-        raise LoRWeBError(f"{name}: tensor {key} has dtype {entry.get('dtype')!r}, which a LoRWeB basis never uses.")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise _damaged(name, f"tensor {key} has an invalid shape {shape!r}")
-    tensor = torch.empty(shape, dtype=dtype)
-    if tensor.numel() * tensor.element_size() != nbytes:
-        raise _damaged(name, f"tensor {key} declares {list(shape)} {entry['dtype']} but holds {nbytes} bytes")
+        raise LoRWeBError(f"{name}: tensor {_short(key)} has dtype {entry.dtype}, which a LoRWeB basis never uses.")
+    tensor = torch.empty(entry.shape, dtype=dtype)
+    nbytes = entry.end - entry.begin
     if nbytes:
         handle.seek(start)
         # the file is little-endian, like every platform torch runs on
         if handle.readinto(tensor.reshape(-1).view(torch.uint8).numpy()) != nbytes:
-            raise _damaged(name, f"tensor {key} is cut short")
+            raise _damaged(name, f"tensor {_short(key)} is cut short (the file changed while it was read)")
     return tensor
+
+
+def _short(value: object, limit: int = 160) -> str:
+    """A bounded rendering of text that came from a file (names, library messages)."""
+    text = str(value) if isinstance(value, (str, SafetensorError)) else type(value).__name__
+    text = text.removeprefix("Error while deserializing header: ")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _damaged(name: str, why: str) -> LoRWeBError:

@@ -1,5 +1,9 @@
 """The on-disk basis format, config resolution, and the message of every bad input."""
 
+import json
+import os
+import struct
+
 import pytest
 import torch
 from lorweb_testing import GOLDEN_CKPT, golden_tensors, random_basis_tensors, write_ai_toolkit_config, write_safetensors
@@ -73,6 +77,25 @@ def test_cache_reuses_a_loaded_file_and_notices_changes(tmp_path):
     assert reloaded.dtype == torch.float16
 
 
+def test_cache_notices_a_file_replaced_in_place_with_size_and_mtime_kept(tmp_path):
+    path = golden_as(tmp_path, torch.float32)
+    module = "transformer_blocks.0.attn.to_q"
+    before = lorweb_ops.load_basis(path).weights[module].lora_B.clone()
+    stat = os.stat(path)
+    raw = path.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    begin, end = json.loads(raw[8 : 8 + length])[f"transformer.{module}.lora_B"]["data_offsets"]
+    changed = (before + 1).numpy().tobytes()
+    assert len(changed) == end - begin
+    with open(path, "r+b") as handle:  # same inode, same size, same mtime afterwards: only the content differs
+        handle.seek(8 + length + begin)
+        handle.write(changed)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (os.stat(path).st_size, os.stat(path).st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+    reloaded = lorweb_ops.load_basis(path).weights[module].lora_B
+    torch.testing.assert_close(reloaded, before + 1, rtol=0, atol=0)
+
+
 # ---- config resolution ---------------------------------------------------------------------------
 
 
@@ -128,13 +151,13 @@ def test_pickle_files_are_refused(tmp_path):
 def test_not_a_safetensors_file(tmp_path):
     path = tmp_path / "basis.safetensors"
     path.write_bytes(b"this is not a tensor file at all")
-    expect_error("could not be read as safetensors: its header size is impossible.*download it again", path)
+    expect_error("could not be read as safetensors: the safetensors library refuses it .*download it again", path)
 
 
 def test_truncated_file(tmp_path):
     path = golden_as(tmp_path, torch.float16)
     path.write_bytes(path.read_bytes()[:-100])
-    expect_error("could not be read as safetensors: tensor .* ends at byte .*damaged or incomplete", path)
+    expect_error("could not be read as safetensors: .*file not fully covered.*damaged or incomplete", path)
 
 
 def test_ordinary_lora_is_refused_with_a_pointer_to_the_stock_loader(tmp_path):
@@ -220,7 +243,7 @@ def test_basis_without_projection_needs_matching_config(tmp_path):
         ({"query_mode": "paa'b3"}, "uses encoder token features"),
         ({"query_mode": "banana"}, "unknown query_mode 'banana'.*Supported modes: cat-aa'b"),
         ({"lora_heads": 3}, "lora_heads 3 does not divide the key size 4"),
-        ({"lora_heads": 0}, "lora_heads must be a positive whole number"),
+        ({"lora_heads": 0}, "lora_heads must be a whole number from 1 to 1024, found 0"),
         ({"lora_softmax": "maybe"}, "lora_softmax must be true or false"),
         ({"mixing_coeffs_type": "max"}, "mixing_coeffs_type must be one of mean, sum"),
         ({"external_query": False}, "external_query is false"),
