@@ -23,6 +23,7 @@ from types import MappingProxyType
 import torch
 
 from .basis import LoraBasis
+from .checks import is_number_in, show
 from .errors import LoRWeBError
 from .mixing import MixWeights
 
@@ -30,6 +31,8 @@ from .mixing import MixWeights
 TOLERANCE = 1e-4
 _OVERRIDE_ITEM = re.compile(r"^\s*(\S+?)\s*=\s*(\S+)\s*$")
 OVERRIDE_EXAMPLE = "e.g. '7=1.0, 3=0.5'"
+MAX_OVERRIDE_CHARS = 4096  # 1024 items of "k=w, "; more is not a hand-written override
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0
 
 
 def check_weights_fit(basis: LoraBasis, weights: MixWeights) -> None:
@@ -98,8 +101,8 @@ def blend_weights(first: MixWeights, second: MixWeights, t: float) -> MixWeights
 
 
 def _check_unit_interval(t: float) -> float:
-    if not isinstance(t, (int, float)) or not math.isfinite(t) or not 0.0 <= t <= 1.0:
-        raise LoRWeBError(f"t must be a number from 0 (only weights_1) to 1 (only weights_2), got {t!r}")
+    if not is_number_in(t, 0.0, 1.0):
+        raise LoRWeBError(f"t must be a number from 0 (only weights_1) to 1 (only weights_2), got {show(t)}.")
     return float(t)
 
 
@@ -107,11 +110,15 @@ def parse_overrides(text: str) -> dict[int, float]:
     """``"7=1.0, 3=0.5"`` -> ``{7: 1.0, 3: 0.5}``; empty text -> ``{}``. Items are separated by ',' ';' or lines."""
     if not isinstance(text, str):
         raise LoRWeBError(f"override must be text like {OVERRIDE_EXAMPLE}, got {type(text).__name__}")
+    if len(text) > MAX_OVERRIDE_CHARS:
+        raise LoRWeBError(
+            f"override is {len(text)} characters long; give at most {MAX_OVERRIDE_CHARS} ({OVERRIDE_EXAMPLE})."
+        )
     overrides: dict[int, float] = {}
     for item in filter(str.strip, re.split(r"[,;\n]", text)):
         match = _OVERRIDE_ITEM.match(item)
         if not match:
-            raise LoRWeBError(f"override item {item.strip()!r} is not 'index=weight' ({OVERRIDE_EXAMPLE}).")
+            raise LoRWeBError(f"override item {show(item.strip())} is not 'index=weight' ({OVERRIDE_EXAMPLE}).")
         index, value = _override_index(match.group(1)), _override_value(match.group(1), match.group(2))
         if index in overrides:
             raise LoRWeBError(f"override sets basis LoRA {index} twice; give each index once ({OVERRIDE_EXAMPLE}).")
@@ -120,9 +127,9 @@ def parse_overrides(text: str) -> dict[int, float]:
 
 
 def _override_index(text: str) -> int:
-    if not text.isdigit():
+    if not text.isdigit() or len(text) > 6:
         raise LoRWeBError(
-            f"override index {text!r} is not a whole number >= 0; basis LoRAs are numbered from 0 as in the mix "
+            f"override index {show(text)} is not a whole number >= 0; basis LoRAs are numbered from 0 as in the mix "
             f"chart ({OVERRIDE_EXAMPLE})."
         )
     return int(text)
@@ -133,10 +140,10 @@ def _override_value(index: str, text: str) -> float:
         value = float(text)
     except ValueError:
         raise LoRWeBError(
-            f"override weight {text!r} for basis LoRA {index} is not a number ({OVERRIDE_EXAMPLE})."
+            f"override weight {show(text)} for basis LoRA {index} is not a number ({OVERRIDE_EXAMPLE})."
         ) from None
     if not math.isfinite(value):
-        raise LoRWeBError(f"override weight for basis LoRA {index} must be a finite number, got {text!r}.")
+        raise LoRWeBError(f"override weight for basis LoRA {index} must be a finite number, got {show(text)}.")
     return value
 
 
@@ -164,10 +171,13 @@ def adjust_mix(
 
 
 def _check_adjustments(weights: MixWeights, temperature: float, top_k: int, overrides: dict[int, float]) -> None:
-    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
-        raise LoRWeBError(f"temperature must be a number > 0 (1 = unchanged), got {temperature!r}")
-    if not isinstance(top_k, int) or top_k < 0:
-        raise LoRWeBError(f"top_k must be 0 (keep all) or a positive whole number, got {top_k!r}")
+    if not is_number_in(temperature, MIN_TEMPERATURE, MAX_TEMPERATURE):
+        raise LoRWeBError(
+            f"temperature must be a number from {MIN_TEMPERATURE:g} to {MAX_TEMPERATURE:g} (1 = unchanged), "
+            f"got {show(temperature)}."
+        )
+    if not is_number_in(top_k, 0, math.inf, whole=True):
+        raise LoRWeBError(f"top_k must be 0 (keep all) or a positive whole number, got {show(top_k)}.")
     num_loras = int(weights.coefficients[weights.modules[0]].numel())
     outside = sorted(k for k in overrides if k >= num_loras)
     if outside:

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from .checks import show
 from .errors import LoRWeBError
 
 #: Query modes built from an external image encoder, and how many embeddings each concatenates.
@@ -217,19 +218,6 @@ def _scalar(node: yaml.Node, loader: _BoundedLoader, name: str, path: str) -> An
 
 def _node_kind(node: yaml.Node) -> str:
     return {yaml.MappingNode: "mapping", yaml.SequenceNode: "list"}.get(type(node), "value")
-
-
-def show(value: Any, limit: int = 60) -> str:
-    """A bounded repr for messages: values from files or clients may be of any size or type."""
-    if isinstance(value, bool) or value is None or isinstance(value, float):
-        text = repr(value)
-    elif isinstance(value, int):
-        text = repr(value) if abs(value) < 10**limit else f"an integer of {value.bit_length()} bits"
-    elif isinstance(value, str):
-        text = repr(value[:limit] + "…") if len(value) > limit else repr(value)
-    else:
-        text = f"a {type(value).__name__}"
-    return text
 
 
 def settings_from_kwargs(kwargs: Mapping, source: str) -> BasisSettings:

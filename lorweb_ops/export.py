@@ -11,6 +11,7 @@ Rank reduction never forms the dense ``[out, in]`` delta: with ``up = Q1 R1`` an
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from collections.abc import Mapping
@@ -22,6 +23,7 @@ from safetensors.torch import save_file
 
 from .adjust import check_weights_fit
 from .basis import LoraBasis
+from .checks import is_number_in, show
 from .errors import LoRWeBError
 from .mixing import MixWeights, lowrank_factors
 
@@ -102,9 +104,9 @@ def export_lora(basis: LoraBasis, weights: MixWeights, rank: int = 0, dtype: str
     """
     check_weights_fit(basis, weights)
     if dtype not in EXPORT_DTYPES:
-        raise LoRWeBError(f"dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
-    if not isinstance(rank, int) or rank < 0:
-        raise LoRWeBError(f"rank must be 0 (full K*r) or a positive whole number, got {rank!r}")
+        raise LoRWeBError(f"dtype must be one of {', '.join(EXPORT_DTYPES)}, got {show(dtype)}.")
+    if not is_number_in(rank, 0, math.inf, whole=True):
+        raise LoRWeBError(f"rank must be 0 (full K*r) or a positive whole number, got {show(rank)}.")
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     energy: dict[str, float] = {}

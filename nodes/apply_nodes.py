@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 from comfy_api.latest import io
 
 from ..lorweb_ops import LoRWeBError, MixWeights, check_analogy_fits, composed_patches, mixing_coefficients
 from ..lorweb_ops.chart import mix_summary, render_mix_chart
+from ..lorweb_ops.checks import is_number_in, show
 from ..lorweb_ops.images import from_pil
 from .patching import check_model_fits, patched_clone
 from .types import CATEGORY, Analogy, Basis, Weights
@@ -34,8 +33,8 @@ def mix_outputs(weights_tooltip: str) -> list:
 
 def strength_problem(strength) -> str | None:
     """None when ``strength`` is usable, else the message for the user."""
-    if not isinstance(strength, (int, float)) or not math.isfinite(strength) or abs(strength) > STRENGTH_LIMIT:
-        return f"strength must be a number between -{STRENGTH_LIMIT:g} and {STRENGTH_LIMIT:g}, got {strength!r}."
+    if not is_number_in(strength, -STRENGTH_LIMIT, STRENGTH_LIMIT):
+        return f"strength must be a number between -{STRENGTH_LIMIT:g} and {STRENGTH_LIMIT:g}, got {show(strength)}."
     return None
 
 

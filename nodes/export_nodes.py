@@ -8,23 +8,27 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..lorweb_ops import LoRWeBError, MixWeights, export_lora, write_new_file
+from ..lorweb_ops.checks import show
 from ..lorweb_ops.export import EXPORT_DTYPES
 from .types import CATEGORY, LICENCE_NOTE, Basis, Weights
 
 LORA_FOLDER = "loras"
 EXTENSION = ".safetensors"
 MAX_NAME_ATTEMPTS = 1000
+MAX_PREFIX_CHARS = 200
 
 
 def check_prefix(prefix: str) -> str | None:
     """Why ``prefix`` cannot name a file inside the loras folder, or None when it can."""
     if not isinstance(prefix, str) or not prefix.strip():
         return "filename_prefix is empty; give a name such as 'lorweb/analogy'."
+    if len(prefix) > MAX_PREFIX_CHARS:
+        return f"filename_prefix is {len(prefix)} characters long; give at most {MAX_PREFIX_CHARS}."
     if "\0" in prefix or os.path.isabs(prefix) or os.path.splitdrive(prefix)[0]:
-        return f"filename_prefix {prefix!r} must be a relative name inside models/loras, e.g. 'lorweb/analogy'."
+        return f"filename_prefix {show(prefix)} must be a relative name inside models/loras, e.g. 'lorweb/analogy'."
     parts = os.path.normpath(prefix).replace("\\", "/").split("/")
     if ".." in parts or parts[-1] in ("", "."):
-        return f"filename_prefix {prefix!r} may not leave models/loras ('..') and must end in a file name."
+        return f"filename_prefix {show(prefix)} may not leave models/loras ('..') and must end in a file name."
     return None
 
 
@@ -46,7 +50,7 @@ def save_new(folder: str, prefix: str, exported) -> str:
             return path
         except FileExistsError:
             continue  # another save took this name meanwhile: take the next number
-    raise LoRWeBError(f"found no free file name for {prefix!r} in {directory}; choose another filename_prefix.")
+    raise LoRWeBError(f"found no free file name for {show(prefix)} in {directory}; choose another filename_prefix.")
 
 
 def summary(path: str, folder: str, exported, full_rank: int) -> dict:

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-import math
-
 from comfy_api.latest import io
 
 from ..lorweb_ops import MixWeights
-from ..lorweb_ops.adjust import OVERRIDE_EXAMPLE, adjust_mix, blend_weights, check_weights_fit, parse_overrides
+from ..lorweb_ops.adjust import (
+    MAX_TEMPERATURE,
+    MIN_TEMPERATURE,
+    OVERRIDE_EXAMPLE,
+    adjust_mix,
+    blend_weights,
+    check_weights_fit,
+    parse_overrides,
+)
+from ..lorweb_ops.checks import is_number_in, show
 from .apply_nodes import apply_mix, mix_outputs, strength_input, validate_strength
 from .types import CATEGORY, Basis, Weights
 
@@ -45,8 +52,8 @@ class BlendAnalogies(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, t: float | None) -> bool | str:
         # None: the value comes through a link and is checked when the node runs (blend_weights)
-        if t is not None and (not isinstance(t, (int, float)) or not math.isfinite(t) or not 0.0 <= t <= 1.0):
-            return f"t must be a number from 0 (only weights_1) to 1 (only weights_2), got {t!r}."
+        if t is not None and not is_number_in(t, 0.0, 1.0):
+            return f"t must be a number from 0 (only weights_1) to 1 (only weights_2), got {show(t)}."
         return True
 
     @classmethod
@@ -68,8 +75,8 @@ class AdjustMix(io.ComfyNode):
                 io.Float.Input(
                     "temperature",
                     default=1.0,
-                    min=0.01,
-                    max=100.0,
+                    min=MIN_TEMPERATURE,
+                    max=MAX_TEMPERATURE,
                     step=0.01,
                     tooltip="1 = unchanged. Softmax mixes become softmax(log c / T): below 1 sharpens "
                     "towards the dominant basis LoRAs, above 1 flattens towards uniform. Signed "

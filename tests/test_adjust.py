@@ -79,7 +79,7 @@ def test_blend_refuses_weights_of_two_bases(first, second):
         check_same_basis(first, fewer)
 
 
-@pytest.mark.parametrize("t", [-0.1, 1.5, float("nan"), "0.5"])
+@pytest.mark.parametrize("t", [-0.1, 1.5, float("nan"), "0.5", 10**400, -(10**4000), True])
 def test_blend_refuses_t_outside_0_1(first, second, t):
     with pytest.raises(LoRWeBError, match="t must be a number from 0"):
         lorweb_ops.blend_weights(first, second, t)
@@ -128,9 +128,9 @@ def test_temperature_on_a_signed_mix_is_a_signed_power_without_renormalising(sig
         torch.testing.assert_close(adjusted.coefficients[module], c.sign() * c.abs().pow(2.0), rtol=0, atol=1e-7)
 
 
-@pytest.mark.parametrize("temperature", [0.0, -1.0, float("inf"), float("nan")])
+@pytest.mark.parametrize("temperature", [0.0, -1.0, float("inf"), float("nan"), 10**400, 100.5, "1"])
 def test_bad_temperature_is_refused(first, temperature):
-    with pytest.raises(LoRWeBError, match="temperature must be a number > 0"):
+    with pytest.raises(LoRWeBError, match="temperature must be a number from 0.01 to 100"):
         lorweb_ops.adjust_mix(first, temperature=temperature)
 
 
@@ -207,6 +207,9 @@ def test_override_text_is_parsed(text, expected):
         ("3=abc", "override weight 'abc' for basis LoRA 3 is not a number"),
         ("3=nan", "must be a finite number"),
         ("3=1, 3=2", "sets basis LoRA 3 twice"),
+        ("9" * 4000 + "=1", "override index '9999"),
+        ("1=" + "9" * 4000, "must be a finite number, got '9999"),
+        ("1=1, " * 1000, "override is 5000 characters long; give at most 4096"),
     ],
 )
 def test_bad_override_text_says_what_is_wrong(text, message):
@@ -222,8 +225,10 @@ def test_override_outside_the_basis_and_negative_softmax_weights_are_refused(fir
         lorweb_ops.adjust_mix(first, overrides={1: -0.5})
     with pytest.raises(LoRWeBError, match="every weight of layer .* is 0"):
         lorweb_ops.adjust_mix(first, top_k=1, overrides={0: 0.0, 1: 0.0, 2: 0.0})
-    with pytest.raises(LoRWeBError, match="top_k must be 0"):
-        lorweb_ops.adjust_mix(first, top_k=-2)
+    for top_k in (-2, -(10**400), 1.5, "3", None):
+        with pytest.raises(LoRWeBError, match="top_k must be 0"):
+            lorweb_ops.adjust_mix(first, top_k=top_k)
+    assert lorweb_ops.adjust_mix(first, top_k=10**400).coefficients == first.coefficients  # keeps all
 
 
 # ---- weights against a basis ----------------------------------------------------------------------------
