@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 
+import comfy.utils
 from comfy.weight_adapter import LoRAAdapter
 
 from ..lorweb_ops import LoRWeBError, ModulePatch
@@ -12,22 +13,37 @@ from ..lorweb_ops import LoRWeBError, ModulePatch
 _PREFIX = "diffusion_model."
 
 
-def _weight_shapes(model) -> dict[str, tuple[int, ...]]:
-    state = model.model_state_dict(filter_prefix=_PREFIX)
-    # GGUF tensors keep their logical shape in ``tensor_shape``.
-    return {key: tuple(getattr(tensor, "tensor_shape", tensor.shape)) for key, tensor in state.items()}
+def _weight_shapes(model, keys: set[str]) -> dict[str, tuple[int, ...]]:
+    """The logical shape of each target weight, read from the module itself.
+
+    Not from ``model_state_dict()``: ComfyUI-GGUF puts placeholders with the packed byte shape there; its
+    parameters keep the logical shape in ``tensor_shape`` (and fp8 parameters have their plain shape).
+    """
+    shapes = {}
+    for key in keys:
+        try:
+            tensor = comfy.utils.get_attr(model.model, key)
+        except AttributeError:
+            continue
+        shapes[key] = tuple(getattr(tensor, "tensor_shape", tensor.shape))
+    return shapes
+
+
+def _is_flux(model) -> bool:
+    diffusion_model = getattr(getattr(model, "model", None), "diffusion_model", None)
+    return hasattr(diffusion_model, "double_blocks") and hasattr(diffusion_model, "single_blocks")
 
 
 def check_model_fits(model, patches: list[ModulePatch], basis_path: str) -> None:
     """Every target weight must exist with room for its rows; say exactly what does not fit, touch nothing."""
     basis = os.path.basename(basis_path)
-    shapes = _weight_shapes(model)
-    if not any(key.startswith(_PREFIX + "double_blocks.") for key in shapes):
+    if not _is_flux(model):
         kind = type(getattr(model, "model", model)).__name__
         raise LoRWeBError(
             f"The MODEL ({kind}) is not a Flux model: it has no double_blocks. The LoRWeB basis {basis} was "
             "trained for FLUX.1 Kontext [dev]; load that with UNETLoader and connect it here."
         )
+    shapes = _weight_shapes(model, {patch.target.model_key for patch in patches})
     misfits = [(patch.target.bfl_layer, problem) for patch in patches if (problem := _misfit(patch, shapes))]
     if misfits:
         # one entry per model weight, in model order: several modules share a fused weight

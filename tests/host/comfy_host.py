@@ -16,6 +16,7 @@ HOST_DIR = Path(__file__).resolve().parent
 REPO_ROOT = HOST_DIR.parents[1]
 PACK_LINK_NAME = "comfyui-lorweb"
 SUPPORT_LINK_NAME = "lorweb_test_support"
+GGUF_PACK_NAME = "ComfyUI-GGUF"  # city96/ComfyUI-GGUF in $COMFYUI_ROOT/custom_nodes
 COMFYUI_ROOT = os.environ.get("COMFYUI_ROOT")
 COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON")
 DELEGATE_TEST = "test_delegate.py::test_host_suite_in_comfyui_python"

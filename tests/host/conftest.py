@@ -18,6 +18,7 @@ import pytest
 from comfy_host import (
     COMFYUI_ROOT,
     DELEGATE_TEST,
+    GGUF_PACK_NAME,
     HOST_DIR,
     HOST_SUMMARY,
     PACK_LINK_NAME,
@@ -66,7 +67,12 @@ def host(tmp_path_factory) -> ComfyHost:
     base = tmp_path_factory.mktemp("comfy_base")
     _link(REPO_ROOT, base / "custom_nodes" / PACK_LINK_NAME)
     _link(HOST_DIR / "support_pack", base / "custom_nodes" / SUPPORT_LINK_NAME)
-    for folder in ("models/lorweb", "models/clip_vision", "models/loras", "input", "output", "temp", "user"):
+    # city96/ComfyUI-GGUF, installed beside the pack the way users install it (the GGUF tests need it)
+    gguf_pack = root / "custom_nodes" / GGUF_PACK_NAME
+    if gguf_pack.is_dir():
+        _link(gguf_pack, base / "custom_nodes" / GGUF_PACK_NAME)
+    folders = ("models/lorweb", "models/clip_vision", "models/loras", "models/diffusion_models", "input", "output")
+    for folder in (*folders, "temp", "user"):
         (base / folder).mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(root))
     saved_argv = sys.argv

@@ -213,10 +213,13 @@ class ProbeWeights:
         return {"ui": {"probed": [len(state)]}}
 
 
+from .probes import LINEAR_PROBES, ProbeLinear  # noqa: E402,F401  (LINEAR_PROBES: read by the tests)
+
 NODE_CLASS_MAPPINGS = {
     "LoRWeBTest_TinyFluxLoader": TinyFluxLoader,
     "LoRWeBTest_TinyClipVisionLoader": TinyClipVisionLoader,
     "LoRWeBTest_AnalogyFromQuery": AnalogyFromQuery,
     "LoRWeBTest_RandomTextConditioning": RandomTextConditioning,
     "LoRWeBTest_ProbeWeights": ProbeWeights,
+    "LoRWeBTest_ProbeLinear": ProbeLinear,
 }
