@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 import lorweb_ops
 from lorweb_ops import MixWeights
-from lorweb_ops.flux_map import released_module_names
+from lorweb_ops.flux_map import module_shape, released_module_names
 
 GOLDEN_FLUX = dict(hidden=8, mlp_ratio=4.0, heads=1, axes=[2, 2, 4], depth=1, single_depth=1, context=16, vec=8)
 STRENGTH = 0.8
@@ -206,6 +206,23 @@ def test_saved_lora_loads_with_the_stock_loader_like_the_pack_patch(host, files,
     assert_same_weights(loaded, pack, atol=1e-5)
     changed = [k for k in pack if not torch.equal(pack[k], files["original"][k])]
     assert len(changed) == 13  # the 20 basis modules land in 13 Flux weights, all of them patched
+    # and both equal the reference implementation's own deltas (golden), not just each other
+    for key, delta in golden_flux_deltas().items():
+        expected = files["original"][f"{key}.weight"] + STRENGTH * delta
+        torch.testing.assert_close(loaded[f"{key}.weight"], expected, rtol=0, atol=1e-5, msg=key)
+
+
+def golden_flux_deltas() -> dict[str, torch.Tensor]:
+    """The golden reference's dW of every patched Flux weight: fused layers as given, the others per module."""
+    golden = golden_tensors()
+    deltas = {key.split("::")[-1]: value.float() for key, value in golden.items() if "released_like::dW_fused::" in key}
+    for name in released_module_names(depth=1, single_depth=1):
+        in_features, out_features = module_shape(name, hidden=8, mlp=32)  # the golden widths
+        target = lorweb_ops.flux_target(name, in_features, out_features)
+        if not target.fused:
+            deltas[target.bfl_layer] = golden[f"released_like::dW::{name}"].float()
+    assert len(deltas) == 13
+    return deltas
 
 
 def test_the_unmatched_key_check_would_see_a_stray_key(host, files, caplog):
