@@ -51,8 +51,9 @@ def test_degenerate_bases_are_refused_at_load(tmp_path, part, shape):
     for name in [key for key in tensors if key.endswith("." + part)]:
         tensors[name] = torch.zeros(shape)
     part_name = "to_q" if part == "att_lora_to_q.weight" else part
+    dims = ", ".join(map(str, shape))
     refused(
-        rf"b\.safetensors: single_transformer_blocks\.0\.attn\.to_k\.{part_name} has shape \[{', '.join(map(str, shape))}\], "
+        rf"b\.safetensors: single_transformer_blocks\.0\.attn\.to_k\.{part_name} has shape \[{dims}\], "
         "with a dimension of size 0; the basis is degenerate",
         write_safetensors(tmp_path / "b.safetensors", tensors),
     )

@@ -365,13 +365,13 @@ def test_apply_weights_node_outputs_match_apply_basis(host, files):
     again = apply_weights.execute(model, files["basis"], direct.result[1], STRENGTH)
     assert torch.equal(direct.result[2], again.result[2])
     assert ui_data(direct) == ui_data(again) and "lorweb_mix" in ui_data(direct)
+    first, second = direct.result[0].patches, again.result[0].patches
+    assert first.keys() == second.keys() and not model.patches
 
 
 def ui_data(output) -> dict:
     # a plain dict on both ComfyUI versions today; a UI object with as_dict() in the V3 API's newer shape
     return output.ui if isinstance(output.ui, dict) else output.ui.as_dict()
-    first, second = direct.result[0].patches, again.result[0].patches
-    assert first.keys() == second.keys() and not model.patches
 
 
 def test_weights_for_another_basis_are_refused_before_anything_is_patched(host, files):
