@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from lorweb_testing import GOLDEN_CKPT, GOLDEN_FUSED_KEYS, GOLDEN_VARIANTS, golden_tensors
+from lorweb_testing import GOLDEN, GOLDEN_CKPT, GOLDEN_FUSED_KEYS, GOLDEN_VARIANTS, golden_tensors
 
 import lorweb_ops
 
@@ -81,3 +81,14 @@ def test_softmax_coefficients_sum_to_one(golden):
     basis = lorweb_ops.load_basis(GOLDEN_CKPT, {})
     for values in lorweb_ops.mixing_coefficients(basis, golden["query_square"]).values():
         assert abs(values.sum().item() - 1.0) < 1e-6
+
+
+def test_golden_files_are_the_recorded_ones():
+    """tests/data/golden/README.md records each file's SHA-256: the reference numbers cannot change silently."""
+    import hashlib
+    import re
+
+    recorded = re.findall(r"^\| `([^`]+)` \| `([0-9a-f]{64})` \|$", (GOLDEN / "README.md").read_text(), re.M)
+    assert len(recorded) == 8
+    for name, digest in recorded:
+        assert hashlib.sha256((GOLDEN / name).read_bytes()).hexdigest() == digest, name
