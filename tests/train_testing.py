@@ -200,8 +200,10 @@ def tiny_backend(model_config, device):
 
 
 # ----------------------------------------------------------------------------------------------- synthetic data
-def random_shape(rng: random.Random, size: int = 32) -> Image.Image:
+def random_shape(rng: random.Random, size: int = 32, flat: bool = False) -> Image.Image:
     background = tuple(rng.randrange(256) for _ in range(3))
+    if flat:
+        return Image.new("RGB", (size, size), tuple(rng.randrange(40, 140) for _ in range(3)))
     image = Image.new("RGB", (size, size), background)
     draw = ImageDraw.Draw(image)
     colour = tuple(rng.randrange(256) for _ in range(3))
@@ -211,20 +213,32 @@ def random_shape(rng: random.Random, size: int = 32) -> Image.Image:
     return image
 
 
+def _tint(channel: int, amount: int = 110):
+    def tint(image: Image.Image) -> Image.Image:
+        bands = list(image.split())
+        bands[channel] = bands[channel].point(lambda v: min(255, v + amount))
+        return Image.merge("RGB", bands)
+
+    return tint
+
+
 TRANSFORMS = {
     "invert": lambda image: Image.eval(image, lambda v: 255 - v),
     "flip": lambda image: image.transpose(Image.FLIP_LEFT_RIGHT),
+    "redden": _tint(0),
+    "bluen": _tint(2),
 }
 
 
-def write_quadruplets(folder: Path, per_kind: int, seed: int, instruction: str = "edit", size: int = 32) -> list[str]:
+def write_quadruplets(folder: Path, per_kind: int, seed: int, instruction: str = "edit", size: int = 32,
+                      kinds_used: tuple[str, str] = ("invert", "flip"), flat: bool = False) -> list[str]:  # fmt: skip
     """``metadata.jsonl`` of analogies with two kinds; returns the kind of each line."""
     rng = random.Random(seed)
     folder.mkdir(parents=True, exist_ok=True)
     kinds, lines = [], []
     for number in range(2 * per_kind):
-        kind = ("invert", "flip")[number % 2]
-        a, b = random_shape(rng, size), random_shape(rng, size)
+        kind = kinds_used[number % 2]
+        a, b = random_shape(rng, size, flat), random_shape(rng, size, flat)
         record = {"id": f"{kind}{number}", "instruction": instruction}
         for role, image in (("a", a), ("a_prime", TRANSFORMS[kind](a)), ("b", b), ("b_prime", TRANSFORMS[kind](b))):
             name = f"{number:03d}_{role}.png"
@@ -248,13 +262,13 @@ def write_pairs(folder: Path, count: int, seed: int, size: int = 32) -> None:
         (folder / "instructions" / f"{number:03d}.txt").write_text("invert the colours")
 
 
-def training_config(tmp: Path, data: Path, **sections) -> dict:
+def training_config(tmp: Path, data_path: Path, **sections) -> dict:
     """A small config for the tiny model (K = 4, r = 2, keys 8, fp32, no checkpointing unless asked)."""
     config = {
         "output_dir": str(tmp / "out"),
         "name": "tiny_basis",
         "seed": 3,
-        "data": {"path": str(data), "resolution": 32},
+        "data": {"path": str(data_path), "resolution": 32},
         "network": {"num_loras": 4, "rank": 2, "keys_dim": 8},
         "train": {
             "batch_size": 4,
