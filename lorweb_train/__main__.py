@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         from .trainer import Trainer
 
         trainer = Trainer(config)
+        state = trainer.accelerator.state
+        trainer.accelerator.print(f"LoRWeB training on {state.num_processes} process(es), {state.distributed_type}")
         if args.resume:
             trainer.resume(None if args.resume == "latest" else args.resume)
         path = trainer.train()

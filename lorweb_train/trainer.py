@@ -54,6 +54,7 @@ class Trainer:
 
         self.config = config
         self.accelerator = accelerator or Accelerator(
+            cpu=not torch.cuda.is_available(),  # without it accelerate ignores a multi-process CPU launch
             mixed_precision=config.train.mixed_precision,
             log_with=config.train.log_with or None,
             project_dir=config.output_dir,
@@ -398,6 +399,7 @@ class Trainer:
             temporary.mkdir(parents=True)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(temporary))
+        accelerator.wait_for_everyone()  # every process has written its RNG state before the folder is renamed
         if accelerator.is_main_process:
             state = {"step": self.step, "losses": self.losses, "validation_losses": self.validation_losses}
             (temporary / "trainer_state.json").write_text(json.dumps(state))

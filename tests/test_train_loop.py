@@ -221,7 +221,8 @@ def test_init_fine_tunes_an_existing_basis_and_refuses_a_misfit(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ 2 processes
 def test_two_processes_compute_the_same_as_one(tmp_path):
-    """``accelerate launch --num_processes 2 --cpu`` (gloo DDP) vs ``python -m lorweb_train``, global batch 4.
+    """``accelerate launch --multi_gpu --num_processes 2`` without GPUs (2 CPU processes, gloo DDP) vs
+    ``python -m lorweb_train``, global batch 4.
 
     Tolerance 1e-5 relative: the two runs differ only in float32 summation order (DDP averages two local means of
     2 samples instead of one mean of 4), amplified at most by Adam's normalisation over 3 steps.
@@ -235,10 +236,12 @@ def test_two_processes_compute_the_same_as_one(tmp_path):
         if processes == 1:
             command = [sys.executable, "-m", "lorweb_train", "--config", str(config_path)]
         else:
-            command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines",
-                       "1", "--cpu", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "lorweb_train",
-                       "--config", str(config_path)]  # fmt: skip
-        env = environment_with_paths() | {"OMP_NUM_THREADS": "1"}
+            # accelerate 1.x: "--cpu --num_processes 2" starts ONE process unless MPI is set up; the torchrun
+            # launcher (--multi_gpu) on a machine without visible GPUs gives 2 CPU processes on gloo (MULTI_CPU)
+            command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                       "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m",
+                       "lorweb_train", "--config", str(config_path)]  # fmt: skip
+        env = environment_with_paths() | {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
         result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
         checkpoint = tmp_path / f"p{processes}" / "out" / "checkpoints" / "step_00000003"
