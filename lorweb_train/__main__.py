@@ -49,7 +49,10 @@ def main(argv: list[str] | None = None) -> int:
         trainer.accelerator.print(f"LoRWeB training on {state.num_processes} process(es), {state.distributed_type}")
         if args.resume:
             trainer.resume(None if args.resume == "latest" else args.resume)
-        path = trainer.train()
+        try:
+            path = trainer.train()
+        finally:
+            trainer.close()
     except LoRWeBError as error:
         print(f"LoRWeB training: {error}", file=sys.stderr)
         return 2

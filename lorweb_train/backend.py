@@ -35,6 +35,7 @@ class FluxBackend:
     compute_dtype: torch.dtype = torch.float32
     image_size: int = 224
     release_encoders: Callable[[], None] = field(default=lambda: None)
+    close: Callable[[], None] = field(default=lambda: None)  # undo what the backend changed for training
 
     def predict(self, noisy, sigmas, context, pooled, guidance, reference) -> torch.Tensor:
         dtype = self.compute_dtype

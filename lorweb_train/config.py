@@ -132,9 +132,9 @@ def _build(cls: type, values: dict, source: str, prefix: str) -> Any:
     for key, value in values.items():
         if key not in known:
             hint = difflib.get_close_matches(str(key), list(known), n=1)
-            suggestion = f" Did you mean {prefix}{hint[0]!r}?" if hint else ""
+            suggestion = f" Did you mean {prefix + hint[0]!r}?" if hint else ""
             raise LoRWeBError(
-                f"{source}: unknown config key {prefix}{key!r}.{suggestion} Known keys here: {', '.join(known)}."
+                f"{source}: unknown config key {prefix + str(key)!r}.{suggestion} Known keys here: {', '.join(known)}."
             )
         default = getattr(instance, key)
         if is_dataclass(default):

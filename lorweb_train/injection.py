@@ -185,4 +185,12 @@ def disable_gradient_checkpointing(model: nn.Module) -> None:
 def _checkpointed(forward, *args, **kwargs):
     if not torch.is_grad_enabled():
         return forward(*args, **kwargs)
-    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return checkpoint(functools.partial(_on_copies, forward), *args, use_reentrant=False, **kwargs)
+
+
+def _on_copies(forward, *args, **kwargs):
+    """Run a block on copies of its tensor inputs: ComfyUI's blocks add into their inputs in place (inference
+    code), which would change the inputs checkpointing saved for the recompute."""
+    args = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+    kwargs = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    return forward(*args, **kwargs)

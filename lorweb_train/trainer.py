@@ -28,7 +28,7 @@ from .basis_module import TrainableBasis, network_from_basis, save_basis
 from .cache import GRID_ORDER, CachedExample, build_cache, load_cached, load_empty_text
 from .config import TrainingConfig, dump_config
 from .data import read_dataset
-from .injection import BasisInjector, enable_gradient_checkpointing, flux_module_shapes
+from .injection import BasisInjector, disable_gradient_checkpointing, enable_gradient_checkpointing, flux_module_shapes
 from .loss import draw_noise, flow_matching_loss, noisy_latents, sigmas_for
 from .plot import write_loss_plot
 
@@ -69,6 +69,8 @@ class Trainer:
             )
         self.local_batch = self.global_batch // self.accelerator.num_processes
         self.backend = backend or make_backend(config.model, self.device)
+        for parameter in self.backend.diffusion_model.parameters():
+            parameter.requires_grad_(False)  # frozen base: only the basis trains
         self._prepare_data()
         self._build_basis()
         self.losses: list[tuple[int, float]] = []
@@ -376,6 +378,12 @@ class Trainer:
         self.validation_losses.append((self.step, value))
         if self.config.train.log_with:
             self.accelerator.log({"validation_loss": value}, step=self.step)
+
+    def close(self) -> None:
+        """Give the base model back as it was: hooks removed, blocks un-checkpointed, backend changes undone."""
+        self.injector.detach()
+        disable_gradient_checkpointing(self.backend.diffusion_model)
+        self.backend.close()
 
     # ----------------------------------------------------------------------------------------------- saving
     @property
