@@ -112,9 +112,10 @@ class Trainer:
         names = list(model_shapes) if network.modules in ("all", None, "") else list(network.modules)
         unknown = [name for name in names if name not in model_shapes]
         if unknown:
+            source = f"--init {init.path}" if init else "network.modules"
             raise LoRWeBError(
-                f"{'the --init basis' if init else 'network.modules'} names modules the model does not have "
-                f"(e.g. {unknown[:3]}); the basis was made for another model. Use a basis for this model."
+                f"{source} names modules the model does not have (e.g. {unknown[:3]}); it was made for another "
+                "model. Use a basis for this model (or module names it has)."
             )
         embed_dim = next(iter(self.cached.values())).embeddings.shape[1]
         query_dim = embed_dim * (3 if network.query_mode == "cat-aa'b" else 1)

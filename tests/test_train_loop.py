@@ -253,3 +253,16 @@ def test_two_processes_compute_the_same_as_one(tmp_path):
         torch.testing.assert_close(outputs[2][key], outputs[1][key], rtol=1e-5, atol=1e-6)
         initial_change = max(initial_change, float(outputs[1][key].abs().max()))
     assert initial_change > 0
+
+
+def test_validation_split_is_reported_and_plotted(tmp_path):
+    write_quadruplets(tmp_path / "data", 2, seed=1)
+    trainer = make_trainer(tmp_path, tmp_path / "data", data={"validation_fraction": 0.5}, train={"steps": 2})
+    assert len(trainer.validation_files) == 2 and len(trainer.train_files) == 2
+    assert not set(trainer.validation_files) & set(trainer.train_files)
+    trainer.train()
+    assert [step for step, _ in trainer.validation_losses] == [2]
+    with Image.open(Path(trainer.config.output_dir) / "loss.png") as plot:
+        assert plot.format == "PNG" and plot.size == (800, 400)
+    saved = yaml.safe_load((Path(trainer.config.output_dir) / "train_config.yaml").read_text())
+    assert saved["data"]["validation_fraction"] == 0.5
