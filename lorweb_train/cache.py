@@ -12,10 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from lorweb_ops.images import clip_batch, from_pil
@@ -111,3 +113,27 @@ def load_cached(path: str, cache_dir: str) -> CachedExample:
 def load_empty_text(cache_dir: str) -> tuple[torch.Tensor, torch.Tensor]:
     text = load_file(os.path.join(cache_dir, "text", text_key("") + ".safetensors"))
     return text["context"], text["pooled"]
+
+
+def cached_shapes(path: str) -> tuple[tuple[int, ...], int]:
+    """``(latent grid shape [C, h, w], embedding size)`` of a cached example, read from the header only."""
+    with safe_open(path, framework="pt") as handle:
+        latents = handle.get_slice("latents").get_shape()
+        embeddings = handle.get_slice("embeddings").get_shape()
+    return tuple(latents[1:]), embeddings[1]
+
+
+class CachedExamples(OrderedDict):
+    """Cache file -> :class:`CachedExample`, loaded on first use and kept for the most recent ``limit`` files, so a
+    large data set is not held in memory (latents of 16 k examples at 512 px would be ~16 GB)."""
+
+    def __init__(self, cache_dir: str, limit: int = 512) -> None:
+        super().__init__()
+        self.cache_dir, self.limit = cache_dir, limit
+
+    def __missing__(self, path: str) -> CachedExample:
+        value = load_cached(path, self.cache_dir)
+        self[path] = value
+        while len(self) > self.limit:
+            self.popitem(last=False)
+        return value

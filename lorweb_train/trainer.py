@@ -25,7 +25,7 @@ from lorweb_ops.errors import LoRWeBError
 
 from .backend import FluxBackend, make_backend
 from .basis_module import TrainableBasis, network_from_basis, save_basis
-from .cache import GRID_ORDER, CachedExample, build_cache, load_cached, load_empty_text
+from .cache import GRID_ORDER, CachedExample, CachedExamples, build_cache, cached_shapes, load_empty_text
 from .config import TrainingConfig, dump_config
 from .data import read_dataset
 from .injection import BasisInjector, disable_gradient_checkpointing, enable_gradient_checkpointing, flux_module_shapes
@@ -90,9 +90,12 @@ class Trainer:
         self.backend.release_encoders()
         self.train_files = [files[i] for i in sorted(order[held_out:].tolist())]
         self.validation_files = [files[i] for i in sorted(order[:held_out].tolist())]
-        self.cached = {path: load_cached(path, config.cache_dir) for path in files}
+        self.cached = CachedExamples(config.cache_dir)
+        self.pair_only = {path: example.pair_only for path, example in zip(files, examples, strict=True)}
         self.empty_context, self.empty_pooled = load_empty_text(config.cache_dir)
-        shapes = {tuple(self.cached[f].latents.shape[1:]) for f in self.train_files}
+        headers = {path: cached_shapes(path) for path in files}
+        self.embed_dim = headers[files[0]][1]
+        shapes = {headers[f][0] for f in self.train_files}
         if len(shapes) > 1 and self.local_batch > 1:
             raise LoRWeBError(
                 f"{config.data.path}: the examples have different aspect ratios (latent grids {sorted(shapes)}), "
@@ -100,6 +103,7 @@ class Trainer:
                 "number of processes."
             )
         self.reverse_default = config.train.reverse_weight
+        self._permutations: dict[int, torch.Tensor] = {}
 
     def _build_basis(self) -> None:
         config, model = self.config, self.backend.diffusion_model
@@ -117,8 +121,7 @@ class Trainer:
                 f"{source} names modules the model does not have (e.g. {unknown[:3]}); it was made for another "
                 "model. Use a basis for this model (or module names it has)."
             )
-        embed_dim = next(iter(self.cached.values())).embeddings.shape[1]
-        query_dim = embed_dim * (3 if network.query_mode == "cat-aa'b" else 1)
+        query_dim = self.embed_dim * (3 if network.query_mode == "cat-aa'b" else 1)
         if init is not None:
             self._check_init_fits(init, model_shapes, names, query_dim)
         basis = TrainableBasis({name: model_shapes[name] for name in names}, network, query_dim)
@@ -183,8 +186,10 @@ class Trainer:
     def example_at(self, position: int) -> str:
         count = len(self.train_files)
         epoch, within = divmod(position, count)
-        permutation = torch.randperm(count, generator=torch.Generator().manual_seed(self.config.seed + 7919 * epoch))
-        return self.train_files[int(permutation[within])]
+        if epoch not in self._permutations:
+            seed = self.config.seed + 7919 * epoch
+            self._permutations = {epoch: torch.randperm(count, generator=torch.Generator().manual_seed(seed))}
+        return self.train_files[int(self._permutations[epoch][within])]
 
     def global_positions(self, step: int, micro: int) -> list[int]:
         start = (step * self.config.train.gradient_accumulation_steps + micro) * self.global_batch
@@ -215,7 +220,7 @@ class Trainer:
             contexts.append(context)
             pooled.append(vector)
             orientations.append(orientation)
-            weights.append(self._reverse_weight(cached))
+            weights.append(self._reverse_weight(cached.pair_only))
         length = max(c.shape[0] for c in contexts)
         contexts = [torch.nn.functional.pad(c, (0, 0, 0, length - c.shape[0])) for c in contexts]
         device = self.device
@@ -239,9 +244,9 @@ class Trainer:
             embeddings = {"a": embeddings["a_prime"], "a_prime": embeddings["a"], "b": embeddings["b_prime"]}
         return combine_embeddings(self.basis.settings.query_mode, embeddings)
 
-    def _reverse_weight(self, cached: CachedExample) -> float:
+    def _reverse_weight(self, pair_only: bool) -> float:
         if self.reverse_default is None:
-            return 1.0 if cached.pair_only else 0.0
+            return 1.0 if pair_only else 0.0
         return float(self.reverse_default)
 
     # ----------------------------------------------------------------------------------------------- loss
@@ -271,7 +276,7 @@ class Trainer:
         rank = self.accelerator.process_index
         for micro in range(train.gradient_accumulation_steps):
             positions = self.global_positions(self.step, micro)
-            needs_reverse = any(self._reverse_weight(self.cached[self.example_at(p)]) for p in positions)
+            needs_reverse = any(self._reverse_weight(self.pair_only[self.example_at(p)]) for p in positions)
             local = positions[rank * self.local_batch : (rank + 1) * self.local_batch]
             batch = self.make_batch(local)
             terms = [False, True] if needs_reverse else [False]

@@ -224,10 +224,11 @@ def test_two_processes_compute_the_same_as_one(tmp_path):
     """``accelerate launch --multi_gpu --num_processes 2`` without GPUs (2 CPU processes, gloo DDP) vs
     ``python -m lorweb_train``, global batch 4.
 
+    Pair-only data, so every step has two backward passes (forward term, LoRA Reverse term) through DDP.
     Tolerance 1e-5 relative: the two runs differ only in float32 summation order (DDP averages two local means of
     2 samples instead of one mean of 4), amplified at most by Adam's normalisation over 3 steps.
     """
-    write_quadruplets(tmp_path / "data", 4, seed=1)
+    write_pairs(tmp_path / "data", 4, seed=1)
     outputs = {}
     for processes in (1, 2):
         config = training_config(tmp_path / f"p{processes}", tmp_path / "data", train={"steps": 3, "batch_size": 4})
