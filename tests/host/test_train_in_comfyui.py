@@ -114,3 +114,17 @@ def test_saved_basis_patches_comfyuis_model_like_the_training_injection(host, tr
         trainer.injector.clear_mix()
     torch.testing.assert_close(hooked, patched, rtol=1e-4, atol=1e-5)
     comfy.model_management.unload_all_models()
+
+
+def test_comfyui_loading_glue_names_missing_files(host, tmp_path):
+    from lorweb_ops.errors import LoRWeBError
+    from lorweb_train.config import ModelConfig
+    from lorweb_train_comfyui import comfyui_backend, resolve
+
+    with pytest.raises(LoRWeBError, match=r"neither a file nor in ComfyUI's models/diffusion_models"):
+        resolve("no_such_kontext.safetensors", "diffusion_models", "diffusion_model")
+    with pytest.raises(LoRWeBError, match="model.diffusion_model is empty"):
+        comfyui_backend(ModelConfig(), torch.device("cpu"))
+    existing = tmp_path / "kontext.safetensors"
+    existing.write_bytes(b"")
+    assert resolve(str(existing), "diffusion_models", "diffusion_model") == str(existing)
