@@ -267,3 +267,23 @@ def test_validation_split_is_reported_and_plotted(tmp_path):
         assert plot.format == "PNG" and plot.size == (800, 400)
     saved = yaml.safe_load((Path(trainer.config.output_dir) / "train_config.yaml").read_text())
     assert saved["data"]["validation_fraction"] == 0.5
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
+    """2 micro-batches of 2 draw the same samples (positions) as one batch of 4, and average the same loss."""
+    write_quadruplets(tmp_path / "data", 4, seed=1)
+    shared = {"cache_dir": str(tmp_path / "cache")}
+    whole = make_trainer(tmp_path / "whole", tmp_path / "data", data=shared, train={"steps": 3, "batch_size": 4})
+    whole.train()
+    accumulated = make_trainer(
+        tmp_path / "accumulated",
+        tmp_path / "data",
+        data=shared,
+        train={"steps": 3, "batch_size": 2, "gradient_accumulation_steps": 2},
+    )
+    accumulated.train()
+    for (_, a), (_, b) in zip(whole.losses, accumulated.losses, strict=True):
+        assert abs(a - b) < 1e-5 * abs(a)
+    for name, parameter in whole.basis.named_parameters():
+        other = dict(accumulated.basis.named_parameters())[name]
+        torch.testing.assert_close(other, parameter, rtol=1e-5, atol=1e-6)
