@@ -41,14 +41,23 @@ def as_single_query(query: torch.Tensor, query_dim: int) -> torch.Tensor:
 def module_coefficients(module: ModuleBasis, query: torch.Tensor, settings: BasisSettings) -> torch.Tensor:
     """The K mixing coefficients of one module for a float32 ``[Dq]`` query."""
     projected = query if module.to_q is None else module.to_q.float() @ query  # [Dk]
+    return coefficients_from_projected(projected.unsqueeze(0), module.lora_keys.float(), settings)[0]
+
+
+def coefficients_from_projected(projected: torch.Tensor, keys: torch.Tensor, settings: BasisSettings) -> torch.Tensor:
+    """``[B, K]`` coefficients from projected queries ``[B, Dk]`` and keys ``[K, Dk]`` (differentiable).
+
+    One function for inference (B = 1) and training (a batch of different analogies), so both agree.
+    """
     heads = settings.lora_heads
-    head_dim = projected.numel() // heads
-    keys = module.lora_keys.float().view(-1, heads, head_dim).transpose(0, 1)  # [H, K, hd]
-    logits = torch.einsum("hd,hkd->hk", projected.view(heads, head_dim), keys) * head_dim**-0.5
+    batch, keys_dim = projected.shape
+    head_dim = keys_dim // heads
+    per_head_keys = keys.view(-1, heads, head_dim).transpose(0, 1)  # [H, K, hd]
+    logits = torch.einsum("bhd,hkd->bhk", projected.view(batch, heads, head_dim), per_head_keys) * head_dim**-0.5
     weights = torch.softmax(logits, dim=-1) if settings.lora_softmax else torch.tanh(logits)
     if settings.mixing_coeffs_type == "sum":
-        return weights.sum(dim=0).clamp(min=0.0 if settings.lora_softmax else -1.0, max=1.0)
-    return weights.mean(dim=0)
+        return weights.sum(dim=1).clamp(min=0.0 if settings.lora_softmax else -1.0, max=1.0)
+    return weights.mean(dim=1)
 
 
 def mixing_coefficients(basis: LoraBasis, query: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -1,0 +1,66 @@
+"""``accelerate launch -m lorweb_train --config train.yaml`` (several GPUs) or ``python -m lorweb_train ...``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import yaml
+
+# the pack's root (for lorweb_ops and the ComfyUI glue) when run from elsewhere with -m
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+from lorweb_ops.errors import LoRWeBError  # noqa: E402
+
+from .config import load_config  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="lorweb_train", description="Train or fine-tune a LoRWeB basis.")
+    parser.add_argument("--config", required=True, help="training yaml (see docs/training.md)")
+    parser.add_argument("--init", default="", help="an existing basis .safetensors to fine-tune (e.g. the released)")
+    parser.add_argument("--resume", nargs="?", const="latest", default="", help="continue from a checkpoint")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.steps=100"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    overrides = {}
+    for item in args.set:
+        key, separator, value = item.partition("=")
+        if not separator:
+            print(f"--set {item!r}: write KEY=VALUE, e.g. train.steps=100", file=sys.stderr)
+            return 2
+        overrides[key.strip()] = yaml.safe_load(value)
+    if args.init:
+        overrides["model.init"] = args.init
+    try:
+        config = load_config(args.config, overrides)
+        from .trainer import Trainer
+
+        trainer = Trainer(config)
+        state = trainer.accelerator.state
+        trainer.accelerator.print(f"LoRWeB training on {state.num_processes} process(es), {state.distributed_type}")
+        if args.resume:
+            trainer.resume(None if args.resume == "latest" else args.resume)
+        try:
+            path = trainer.train()
+        finally:
+            trainer.close()
+    except LoRWeBError as error:
+        print(f"LoRWeB training: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    trainer.accelerator.print(f"saved {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""The training config (yaml): defaults are the reference recipe; every key can be changed; unknown keys are refused.
+
+Sections: ``data``, ``network``, ``train``, ``model`` plus a few top-level keys. The reference's values come from
+``LoRWeB_default_PROMPTS.yaml`` and the README command of orincolor/LoRWeB (K = 32, r = 4, ``cat-aa'b``, softmax).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from typing import Any
+
+import yaml
+
+from lorweb_ops.config import QUERY_MODE_EMBEDDINGS
+from lorweb_ops.errors import LoRWeBError
+
+#: query modes whose query is built from per-image embeddings (the cache holds E(a), E(a'), E(b), E(b'))
+TRAINABLE_QUERY_MODES = ("cat-aa'b", "ca'-ca", "ca'-ca+cb")
+DATA_LAYOUTS = ("auto", "reference", "quadruplets", "pairs")
+
+
+@dataclass
+class DataConfig:
+    path: str = ""
+    layout: str = "auto"  # auto | reference (control/ + target/) | quadruplets | pairs
+    resolution: int = 512  # grid area ~ resolution^2, as the reference's bucket [512]
+    caption_dropout: float = 0.05
+    swap_probability: float = 0.5  # random a<->a' together with b<->b' (reference: is_bidirectional_analogy)
+    cache_dir: str = ""  # default: <output_dir>/cache
+    validation_fraction: float = 0.0  # held out of training, reported as validation loss
+
+
+@dataclass
+class NetworkConfig:
+    num_loras: int = 32
+    rank: int = 4
+    keys_dim: int = 128
+    lora_heads: int = 1
+    lora_softmax: bool = True
+    mixing_coeffs_type: str = "mean"
+    query_mode: str = "cat-aa'b"
+    query_projection_type: str = "linear"
+    external_query_model: str = "openai/clip-vit-large-patch14"
+    modules: Any = "all"  # "all" Linears of the Flux blocks, or a list of diffusers module names
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 6  # global batch per optimiser step (split over processes)
+    steps: int = 10000
+    gradient_accumulation_steps: int = 1
+    lr: float = 1e-3
+    betas: list = field(default_factory=lambda: [0.9, 0.99])
+    weight_decay: float = 0.05
+    optimizer: str = "adamw8bit"  # adamw8bit (bitsandbytes on CUDA, else plain AdamW) | adamw
+    lr_scheduler: str = "constant"  # constant | linear | cosine
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "bf16"  # bf16 | fp16 | no
+    gradient_checkpointing: bool = True
+    guidance: float = 1.0  # Flux guidance embedding while training (reference: train.cfg_scale default 1)
+    timestep_weighting: str = "weighted"  # weighted (ai-toolkit bell table) | none
+    reverse_weight: Any = None  # LoRA Reverse term; None = 1.0 for pairs-only data, 0 for quadruplets
+    save_every: int = 250
+    keep_checkpoints: int = 4
+    save_dtype: str = "float16"
+    log_every: int = 1
+    validation_every: int = 0  # steps; 0 = only at the end (when there is a validation split)
+    log_with: str = ""  # accelerate tracker: "" | tensorboard | wandb | all
+
+
+@dataclass
+class ModelConfig:
+    backend: str = "comfyui"  # "comfyui", or "package.module:factory" returning a FluxBackend
+    backend_options: dict = field(default_factory=dict)
+    comfyui_root: str = ""  # ComfyUI source tree (for backend comfyui when run outside ComfyUI)
+    diffusion_model: str = ""  # Kontext file (bf16 or fp8), as in models/diffusion_models
+    weight_dtype: str = "default"  # default | fp8_e4m3fn | fp8_e5m2 (ComfyUI's UNETLoader choices)
+    clip_l: str = ""
+    t5xxl: str = ""
+    vae: str = ""
+    clip_vision: str = ""  # CLIP ViT-L/14 vision file, as in models/clip_vision
+    init: str = ""  # an existing basis to fine-tune (--init); K, rank and query settings then come from it
+
+
+@dataclass
+class TrainingConfig:
+    output_dir: str = "output/lorweb_basis"
+    name: str = "lorweb_model"
+    seed: int = 42
+    data: DataConfig = field(default_factory=DataConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def cache_dir(self) -> str:
+        return self.data.cache_dir or os.path.join(self.output_dir, "cache")
+
+
+def load_config(path: str | os.PathLike, overrides: dict | None = None) -> TrainingConfig:
+    """Read a training yaml; keys left out take the recipe defaults, unknown keys are an error naming them."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise LoRWeBError(f"training config not found: {path}. Give the path of your train.yaml.")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            document = yaml.safe_load(handle) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise LoRWeBError(f"{path} is not readable YAML ({error}). Fix the syntax and run again.") from None
+    return config_from_mapping(document, path, overrides)
+
+
+def config_from_mapping(document: Any, source: str, overrides: dict | None = None) -> TrainingConfig:
+    if not isinstance(document, dict):
+        raise LoRWeBError(f"{source}: the training config must be a mapping of sections, found {type(document)}.")
+    config = _build(TrainingConfig, document, source, "")
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(config, dotted, value, source)
+    validate(config, source)
+    return config
+
+
+def _build(cls: type, values: dict, source: str, prefix: str) -> Any:
+    known = {f.name: f for f in fields(cls)}
+    instance = cls()
+    for key, value in values.items():
+        if key not in known:
+            hint = difflib.get_close_matches(str(key), list(known), n=1)
+            suggestion = f" Did you mean {prefix + hint[0]!r}?" if hint else ""
+            raise LoRWeBError(
+                f"{source}: unknown config key {prefix + str(key)!r}.{suggestion} Known keys here: {', '.join(known)}."
+            )
+        default = getattr(instance, key)
+        if is_dataclass(default):
+            if not isinstance(value, dict):
+                raise LoRWeBError(f"{source}: {prefix}{key} must be a section (a mapping), found {value!r}.")
+            value = _build(type(default), value, source, f"{prefix}{key}.")
+        else:
+            value = _coerce(value, default, f"{prefix}{key}", source)
+        setattr(instance, key, value)
+    return instance
+
+
+def _coerce(value: Any, default: Any, name: str, source: str) -> Any:
+    """Accept the yaml's value when it has the default's type (ints for floats, 'true' strings for bools)."""
+    if default is None or isinstance(default, (list, dict)) or name in ("network.modules",):
+        return value
+    if isinstance(default, bool):
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"
+        if isinstance(value, bool):
+            return value
+    elif isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(default, float):
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            try:
+                return float(value)  # yaml reads 1e-3 as a string
+            except ValueError:
+                pass
+    elif isinstance(default, str):
+        if isinstance(value, str):
+            return value
+        if value is None:
+            return ""
+    raise LoRWeBError(f"{source}: {name} must be a {type(default).__name__} (like {default!r}), found {value!r}.")
+
+
+def _set_dotted(config: TrainingConfig, dotted: str, value: Any, source: str) -> None:
+    *sections, key = dotted.split(".")
+    target = config
+    for section in sections:
+        target = getattr(target, section, None)
+        if not is_dataclass(target):
+            raise LoRWeBError(f"{source}: unknown config section {dotted!r}.")
+    if not hasattr(target, key):
+        raise LoRWeBError(f"{source}: unknown config key {dotted!r}.")
+    setattr(target, key, _coerce(value, getattr(target, key), dotted, source))
+
+
+def validate(config: TrainingConfig, source: str) -> None:
+    """Values that cannot work, refused before any model or data is touched."""
+    net, train, data = config.network, config.train, config.data
+    checks = [
+        (net.num_loras >= 1 and net.rank >= 1 and net.keys_dim >= 1, "network.num_loras, rank, keys_dim must be >= 1"),
+        (net.keys_dim % max(net.lora_heads, 1) == 0 and net.lora_heads >= 1, "network.lora_heads must divide keys_dim"),
+        (net.mixing_coeffs_type in ("mean", "sum"), "network.mixing_coeffs_type must be mean or sum"),
+        (net.query_projection_type in ("linear", "none"), "network.query_projection_type must be linear or none"),
+        (
+            net.query_mode in TRAINABLE_QUERY_MODES,
+            f"network.query_mode must be one of {', '.join(TRAINABLE_QUERY_MODES)} for training "
+            f"(known at inference: {', '.join(QUERY_MODE_EMBEDDINGS)})",
+        ),
+        (data.layout in DATA_LAYOUTS, f"data.layout must be one of {', '.join(DATA_LAYOUTS)}"),
+        (0.0 <= data.caption_dropout <= 1.0, "data.caption_dropout must be within 0..1"),
+        (0.0 <= data.swap_probability <= 1.0, "data.swap_probability must be within 0..1"),
+        (0.0 <= data.validation_fraction < 1.0, "data.validation_fraction must be within 0..1 (exclusive)"),
+        (data.resolution >= 16, "data.resolution must be at least 16 pixels"),
+        (train.batch_size >= 1 and train.steps >= 1, "train.batch_size and train.steps must be >= 1"),
+        (train.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps must be >= 1"),
+        (train.lr > 0, "train.lr must be positive"),
+        (len(train.betas) == 2, "train.betas must be two numbers, e.g. [0.9, 0.99]"),
+        (train.optimizer in ("adamw8bit", "adamw"), "train.optimizer must be adamw8bit or adamw"),
+        (train.lr_scheduler in ("constant", "linear", "cosine"), "train.lr_scheduler must be constant/linear/cosine"),
+        (train.mixed_precision in ("bf16", "fp16", "no"), "train.mixed_precision must be bf16, fp16 or no"),
+        (train.timestep_weighting in ("weighted", "none"), "train.timestep_weighting must be weighted or none"),
+        (train.save_dtype in ("float16", "bfloat16", "float32"), "train.save_dtype must be float16/bfloat16/float32"),
+        (train.save_every >= 1 and train.keep_checkpoints >= 1, "train.save_every and keep_checkpoints must be >= 1"),
+        (
+            train.reverse_weight is None or isinstance(train.reverse_weight, (int, float)),
+            "train.reverse_weight must be a number or empty",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise LoRWeBError(f"{source}: {message}.")
+    if not data.path:
+        raise LoRWeBError(f"{source}: data.path is empty. Set it to the folder of your training data.")
+
+
+def dump_config(config: TrainingConfig, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        yaml.safe_dump(config.as_dict(), handle, sort_keys=False)

@@ -1,0 +1,196 @@
+"""Inject a trainable basis into a BFL/ComfyUI Flux model: forward hooks on its Linears, mixing per sample.
+
+Every adapted diffusers module is a row range of one BFL Linear (``lorweb_ops.flux_map``): fused q/k/v and the
+single blocks' ``linear1`` hold several modules. The hook adds, per sample ``b``,
+``sum_k c[b, k] (x A_k) B_k`` (scale 1, as the reference) in activation space, so one batch can hold different
+analogies; ``sign`` = -1 gives LoRA Reverse's negated delta. The base weights are never touched.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from lorweb_ops.errors import LoRWeBError
+from lorweb_ops.flux_map import DOUBLE_BLOCK_LAYERS, SINGLE_BLOCK_LAYERS, flux_target
+
+from .basis_module import TrainableBasis
+
+_BLOCK_KINDS = (("double_blocks", "transformer_blocks", DOUBLE_BLOCK_LAYERS),
+                ("single_blocks", "single_transformer_blocks", SINGLE_BLOCK_LAYERS))  # fmt: skip
+
+
+def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
+    return {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+
+
+def flux_module_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """Diffusers module name -> ``(in, out)`` for every block Linear a LoRWeB basis can adapt, in block order."""
+    linears = linear_layers(model)
+    shapes: dict[str, tuple[int, int]] = {}
+    for bfl_block, diffusers_block, layers in _BLOCK_KINDS:
+        index = 0
+        while any(name.startswith(f"{bfl_block}.{index}.") for name in linears):
+            for suffix, (bfl_layer, slot) in layers.items():
+                linear = linears.get(f"{bfl_block}.{index}.{bfl_layer}")
+                if linear is None:
+                    continue
+                hidden = linear.in_features
+                if slot is None:
+                    out = linear.out_features
+                elif suffix == "proj_mlp":
+                    out = linear.out_features - 3 * hidden
+                else:
+                    out = hidden
+                shapes[f"{diffusers_block}.{index}.{suffix}"] = (linear.in_features, out)
+            index += 1
+    if not shapes:
+        raise LoRWeBError(
+            "the model has no Flux block Linears (double_blocks.N.* / single_blocks.N.*). Load a FLUX.1 Kontext "
+            "diffusion model (BFL/ComfyUI layout)."
+        )
+    return shapes
+
+
+@dataclass
+class _Slot:
+    module: str
+    row_start: int
+    row_count: int
+
+
+def mixed_lora_output(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, coefficients: torch.Tensor):
+    """``sum_k c[b, k] (x[b] A_k) B_k`` for ``x [B, ..., in]``, ``A [K, in, r]``, ``B [K, r, out]``, ``c [B, K]``.
+
+    Two matmuls of rank K*r: the cost of one ordinary LoRA of that rank, with the mix folded in between.
+    """
+    num_loras, in_features, rank = lora_a.shape
+    batch = x.shape[0]
+    if coefficients.shape[0] != batch:
+        raise LoRWeBError(
+            f"the model ran a batch of {batch} but {coefficients.shape[0]} analogies were mixed; every sample "
+            "needs its own coefficients."
+        )
+    flat = x.reshape(batch, -1, in_features)
+    if not torch.is_autocast_enabled(x.device.type):
+        flat = flat.to(lora_a.dtype)
+    down = flat @ lora_a.permute(1, 0, 2).reshape(in_features, num_loras * rank)  # [B, S, K*r]
+    scale = coefficients.to(down.dtype).repeat_interleave(rank, dim=1)  # [B, K*r]
+    up = (down * scale[:, None, :]) @ lora_b.reshape(num_loras * rank, -1)  # [B, S, out]
+    return up.reshape(*x.shape[:-1], up.shape[-1])
+
+
+class BasisInjector:
+    """Hooks a :class:`TrainableBasis` into a Flux model. Set the mix before a forward, clear it after backward."""
+
+    def __init__(self, model: nn.Module, basis: TrainableBasis) -> None:
+        self.model, self.basis = model, basis
+        self.slots = self._plan(model, basis)
+        self._handles: list = []
+        self._coefficients: dict[str, torch.Tensor] | None = None
+        self._sign: torch.Tensor | None = None
+
+    @staticmethod
+    def _plan(model: nn.Module, basis: TrainableBasis) -> dict[str, list[_Slot]]:
+        """BFL layer -> the basis modules in it, checked against the model's shapes (a misfit is an error)."""
+        linears = linear_layers(model)
+        plan: dict[str, list[_Slot]] = {}
+        for module in basis.module_names:
+            layer = basis.layer(module)
+            _, in_features, _ = layer.lora_A.shape
+            out_features = layer.lora_B.shape[2]
+            target = flux_target(module, in_features, out_features)
+            linear = linears.get(target.bfl_layer)
+            fits = linear is not None and linear.in_features == in_features
+            fits = fits and target.row_start + target.row_count <= linear.out_features
+            if not fits:
+                found = "missing" if linear is None else f"[{linear.out_features}, {linear.in_features}]"
+                raise LoRWeBError(
+                    f"the basis module {module} ({in_features} -> {out_features}) does not fit the model's "
+                    f"{target.bfl_layer} ({found}). The basis was made for another model size; use a basis "
+                    "trained for this model, or start without --init."
+                )
+            plan.setdefault(target.bfl_layer, []).append(_Slot(module, target.row_start, target.row_count))
+        return plan
+
+    def attach(self) -> BasisInjector:
+        if self._handles:
+            return self
+        linears = linear_layers(self.model)
+        for bfl_layer, slots in self.slots.items():
+            hook = functools.partial(self._hook, sorted(slots, key=lambda s: s.row_start))
+            self._handles.append(linears[bfl_layer].register_forward_hook(hook))
+        return self
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def set_mix(self, coefficients: dict[str, torch.Tensor], sign: torch.Tensor | float = 1.0) -> None:
+        """Coefficients ``{module: [B, K]}`` for the next forward (and its checkpoint recompute in backward)."""
+        self._coefficients = coefficients
+        self._sign = torch.as_tensor(sign, dtype=torch.float32)
+
+    def clear_mix(self) -> None:
+        self._coefficients, self._sign = None, None
+
+    def _hook(self, slots: list[_Slot], linear: nn.Linear, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        if self._coefficients is None:
+            return output  # no mix set: the plain base model
+        x = inputs[0]
+        pieces, position = [], 0
+        for slot in slots:
+            if slot.row_start > position:
+                pieces.append(output.new_zeros(*output.shape[:-1], slot.row_start - position))
+            layer = self.basis.layer(slot.module)
+            coefficients = self._coefficients[slot.module]
+            coefficients = coefficients * self._sign.to(coefficients.device).reshape(-1, 1)
+            pieces.append(mixed_lora_output(x, layer.lora_A, layer.lora_B, coefficients).to(output.dtype))
+            position = slot.row_start + slot.row_count
+        if position < output.shape[-1]:
+            pieces.append(output.new_zeros(*output.shape[:-1], output.shape[-1] - position))
+        return output + torch.cat(pieces, dim=-1)
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> list[nn.Module]:
+    """Recompute each Flux block in backward (non-reentrant, so the hooks and kwargs work). Returns the blocks."""
+    wrapped = []
+    for bfl_block, _, _ in _BLOCK_KINDS:
+        blocks = getattr(model, bfl_block, None)
+        if blocks is None:
+            continue
+        for block in blocks:
+            if getattr(block, "_lorweb_checkpointed", None) is None:
+                original = block.forward
+                block._lorweb_checkpointed = original
+                block.forward = functools.partial(_checkpointed, original)
+                wrapped.append(block)
+    return wrapped
+
+
+def disable_gradient_checkpointing(model: nn.Module) -> None:
+    for bfl_block, _, _ in _BLOCK_KINDS:
+        for block in getattr(model, bfl_block, None) or []:
+            original = getattr(block, "_lorweb_checkpointed", None)
+            if original is not None:
+                del block.forward
+                block._lorweb_checkpointed = None
+
+
+def _checkpointed(forward, *args, **kwargs):
+    if not torch.is_grad_enabled():
+        return forward(*args, **kwargs)
+    return checkpoint(functools.partial(_on_copies, forward), *args, use_reentrant=False, **kwargs)
+
+
+def _on_copies(forward, *args, **kwargs):
+    """Run a block on copies of its tensor inputs: ComfyUI's blocks add into their inputs in place (inference
+    code), which would change the inputs checkpointing saved for the recompute."""
+    args = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+    kwargs = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    return forward(*args, **kwargs)

@@ -1,0 +1,472 @@
+"""The training loop on HF accelerate: data order, per-sample randomness, loss terms, checkpoints, exact resume.
+
+Determinism by construction: the global batch of step ``s`` is a fixed slice of a seeded per-epoch permutation,
+and every sample's randomness (swap, caption dropout, timestep, noise) comes from a generator seeded by its global
+position. A process takes its share of the global batch, so N processes compute the same maths as one, and a
+resumed run draws exactly what an uninterrupted run would have drawn.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lorweb_ops.analogy import combine_embeddings
+from lorweb_ops.basis import load_basis
+from lorweb_ops.errors import LoRWeBError
+
+from .backend import FluxBackend, make_backend
+from .basis_module import TrainableBasis, network_from_basis, save_basis
+from .cache import GRID_ORDER, CachedExample, CachedExamples, build_cache, cached_shapes, load_empty_text
+from .config import TrainingConfig, dump_config
+from .data import read_dataset
+from .injection import BasisInjector, disable_gradient_checkpointing, enable_gradient_checkpointing, flux_module_shapes
+from .loss import draw_noise, flow_matching_loss, noisy_latents, sigmas_for
+from .plot import write_loss_plot
+
+_SAVE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_EMBEDDING_NAMES = ("a", "a_prime", "b", "b_prime")
+
+
+@dataclass
+class Batch:
+    queries: torch.Tensor  # [B, Dq] for the orientation trained forward
+    latents: dict  # "target"/"control" x orientation: [B, C, h, w]
+    orientation: torch.Tensor  # [B] 0 = as given, 1 = swapped
+    context: torch.Tensor
+    pooled: torch.Tensor
+    forward_draw: tuple  # (indices [B], noise [B, C, h, w])
+    reverse_draw: tuple
+    reverse_weight: torch.Tensor  # [B]
+
+
+class Trainer:
+    def __init__(self, config: TrainingConfig, *, backend: FluxBackend | None = None, accelerator=None) -> None:
+        from accelerate import Accelerator
+
+        self.config = config
+        self.accelerator = accelerator or Accelerator(
+            cpu=not torch.cuda.is_available(),  # without it accelerate ignores a multi-process CPU launch
+            mixed_precision=config.train.mixed_precision,
+            log_with=config.train.log_with or None,
+            project_dir=config.output_dir,
+            step_scheduler_with_optimizer=False,
+        )
+        self.device = self.accelerator.device
+        self.global_batch = config.train.batch_size
+        if self.global_batch % self.accelerator.num_processes:
+            raise LoRWeBError(
+                f"train.batch_size {self.global_batch} cannot be split over {self.accelerator.num_processes} "
+                "processes; use a multiple of the number of processes."
+            )
+        self.local_batch = self.global_batch // self.accelerator.num_processes
+        self.backend = backend or make_backend(config.model, self.device)
+        for parameter in self.backend.diffusion_model.parameters():
+            parameter.requires_grad_(False)  # frozen base: only the basis trains
+        self._prepare_data()
+        self._build_basis()
+        self.losses: list[tuple[int, float]] = []
+        self.validation_losses: list[tuple[int, float]] = []
+        self.step = 0
+
+    # ----------------------------------------------------------------------------------------------- setup
+    def _prepare_data(self) -> None:
+        config = self.config
+        examples = read_dataset(config.data.path, config.data.layout)
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(config.seed))
+        held_out = int(len(examples) * config.data.validation_fraction)
+        if len(examples) - held_out < 1:
+            raise LoRWeBError(f"{config.data.path}: data.validation_fraction leaves no training examples.")
+        with self.accelerator.main_process_first():  # the main process fills the cache, the others reuse it
+            files = build_cache(examples, self.backend, config.cache_dir, config.data.resolution)
+        self.backend.release_encoders()
+        self.train_files = [files[i] for i in sorted(order[held_out:].tolist())]
+        self.validation_files = [files[i] for i in sorted(order[:held_out].tolist())]
+        self.cached = CachedExamples(config.cache_dir)
+        self.pair_only = {path: example.pair_only for path, example in zip(files, examples, strict=True)}
+        self.empty_context, self.empty_pooled = load_empty_text(config.cache_dir)
+        headers = {path: cached_shapes(path) for path in files}
+        self.embed_dim = headers[files[0]][1]
+        shapes = {headers[f][0] for f in self.train_files}
+        if len(shapes) > 1 and self.local_batch > 1:
+            raise LoRWeBError(
+                f"{config.data.path}: the examples have different aspect ratios (latent grids {sorted(shapes)}), "
+                "which cannot share a batch. Crop them to one aspect ratio, or use train.batch_size equal to the "
+                "number of processes."
+            )
+        self.reverse_default = config.train.reverse_weight
+        self._permutations: dict[int, torch.Tensor] = {}
+
+    def _build_basis(self) -> None:
+        config, model = self.config, self.backend.diffusion_model
+        model_shapes = flux_module_shapes(model)
+        network = config.network
+        init = None
+        if config.model.init:
+            init = load_basis(config.model.init, use_cache=False)
+            network = network_from_basis(init, network)
+        names = list(model_shapes) if network.modules in ("all", None, "") else list(network.modules)
+        unknown = [name for name in names if name not in model_shapes]
+        if unknown:
+            source = f"--init {init.path}" if init else "network.modules"
+            raise LoRWeBError(
+                f"{source} names modules the model does not have (e.g. {unknown[:3]}); it was made for another "
+                "model. Use a basis for this model (or module names it has)."
+            )
+        query_dim = self.embed_dim * (3 if network.query_mode == "cat-aa'b" else 1)
+        if init is not None:
+            self._check_init_fits(init, model_shapes, names, query_dim)
+        basis = TrainableBasis({name: model_shapes[name] for name in names}, network, query_dim)
+        if init is not None:
+            basis.load_from_basis(init)
+        basis.to(self.device)
+        self.basis = basis
+        self.injector = BasisInjector(model, basis).attach()
+        if config.train.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        optimizer = self._optimizer(basis)
+        scheduler = self._scheduler(optimizer)
+        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(basis, optimizer, scheduler)
+
+    def _check_init_fits(self, init, model_shapes, names, query_dim) -> None:
+        for name in names:
+            stored = init.module(name)
+            if (stored.in_features, stored.out_features) != model_shapes[name]:
+                raise LoRWeBError(
+                    f"--init {init.path}: module {name} is {stored.in_features} -> {stored.out_features} but the "
+                    f"model's is {model_shapes[name][0]} -> {model_shapes[name][1]}. The basis was made for "
+                    "another model; load the matching Kontext model or train from scratch."
+                )
+        if init.query_dim != query_dim:
+            raise LoRWeBError(
+                f"--init {init.path}: the basis expects queries of {init.query_dim} values but the image encoder "
+                f"gives {query_dim}. Use the encoder the basis was trained with ({init.settings.external_query_model})."
+            )
+
+    def _optimizer(self, basis: TrainableBasis) -> torch.optim.Optimizer:
+        train = self.config.train
+        kwargs = dict(lr=train.lr, betas=tuple(train.betas), weight_decay=train.weight_decay)
+        if train.optimizer == "adamw8bit" and self.device.type == "cuda":
+            try:
+                import bitsandbytes
+
+                return bitsandbytes.optim.AdamW8bit(basis.parameters(), **kwargs)
+            except ImportError:
+                self.accelerator.print("bitsandbytes is not installed: using torch AdamW (32-bit states).")
+        return torch.optim.AdamW(basis.parameters(), **kwargs)
+
+    def _scheduler(self, optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+        train = self.config.train
+        total, warmup = train.steps, train.warmup_steps
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = (step - warmup) / max(1, total - warmup)
+            if train.lr_scheduler == "linear":
+                return max(0.0, 1.0 - progress)
+            if train.lr_scheduler == "cosine":
+                return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+            return 1.0
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+    # ----------------------------------------------------------------------------------------------- batches
+    def sample_generator(self, position: int) -> torch.Generator:
+        return torch.Generator().manual_seed(self.config.seed * 1_000_003 + position)
+
+    def example_at(self, position: int) -> str:
+        count = len(self.train_files)
+        epoch, within = divmod(position, count)
+        if epoch not in self._permutations:
+            seed = self.config.seed + 7919 * epoch
+            self._permutations = {epoch: torch.randperm(count, generator=torch.Generator().manual_seed(seed))}
+        return self.train_files[int(self._permutations[epoch][within])]
+
+    def global_positions(self, step: int, micro: int) -> list[int]:
+        start = (step * self.config.train.gradient_accumulation_steps + micro) * self.global_batch
+        return list(range(start, start + self.global_batch))
+
+    def make_batch(self, positions: list[int], *, randomise: bool = True) -> Batch:
+        data = self.config.data
+        samples = []
+        for position in positions:
+            cached = (
+                self.cached[self.example_at(position)] if randomise else self.cached[self.validation_files[position]]
+            )
+            generator = self.sample_generator(position if randomise else -1 - position)
+            swap = bool(torch.rand(1, generator=generator) < data.swap_probability) and randomise
+            drop = bool(torch.rand(1, generator=generator) < data.caption_dropout) and randomise
+            shape = tuple(cached.latents.shape[1:])
+            forward, reverse = draw_noise(shape, generator), draw_noise(shape, generator)
+            samples.append((cached, int(swap), drop, forward, reverse))
+        return self._collate(samples)
+
+    def _collate(self, samples: list) -> Batch:
+        queries, latents, contexts, pooled, orientations, weights = [], {}, [], [], [], []
+        for cached, orientation, drop, _, _ in samples:
+            queries.append(self._query(cached, orientation))
+            for slot, name in enumerate(GRID_ORDER):
+                latents.setdefault(name, []).append(cached.latents[slot])
+            context, vector = (self.empty_context, self.empty_pooled) if drop else (cached.context, cached.pooled)
+            contexts.append(context)
+            pooled.append(vector)
+            orientations.append(orientation)
+            weights.append(self._reverse_weight(cached.pair_only))
+        length = max(c.shape[0] for c in contexts)
+        contexts = [torch.nn.functional.pad(c, (0, 0, 0, length - c.shape[0])) for c in contexts]
+        device = self.device
+        return Batch(
+            queries=torch.cat(queries).to(device),
+            latents={name: torch.stack(values).to(device) for name, values in latents.items()},
+            orientation=torch.tensor(orientations, device=device),
+            context=torch.stack(contexts).to(device),
+            pooled=torch.stack(pooled).to(device),
+            forward_draw=self._draws([s[3] for s in samples]),
+            reverse_draw=self._draws([s[4] for s in samples]),
+            reverse_weight=torch.tensor(weights, dtype=torch.float32, device=device),
+        )
+
+    def _draws(self, draws: list) -> tuple:
+        return torch.tensor([d.index for d in draws]), torch.stack([d.noise for d in draws]).to(self.device)
+
+    def _query(self, cached: CachedExample, orientation: int) -> torch.Tensor:
+        embeddings = dict(zip(_EMBEDDING_NAMES, cached.embeddings, strict=True))
+        if orientation:  # a <-> a', b <-> b'
+            embeddings = {"a": embeddings["a_prime"], "a_prime": embeddings["a"], "b": embeddings["b_prime"]}
+        return combine_embeddings(self.basis.settings.query_mode, embeddings)
+
+    def _reverse_weight(self, pair_only: bool) -> float:
+        if self.reverse_default is None:
+            return 1.0 if pair_only else 0.0
+        return float(self.reverse_default)
+
+    # ----------------------------------------------------------------------------------------------- loss
+    def term_losses(self, batch: Batch, reverse: bool) -> torch.Tensor:
+        """Per-sample loss ``[B]`` of the forward term (+dW, given grids) or LoRA Reverse (-dW, reversed grids)."""
+        coefficients = self.model(batch.queries)
+        self.injector.set_mix(coefficients, sign=-1.0 if reverse else 1.0)
+        orientation = (1 - batch.orientation) if reverse else batch.orientation
+        pick = orientation.view(-1, 1, 1, 1).bool()
+        target = torch.where(pick, batch.latents["target_1"], batch.latents["target_0"])
+        control = torch.where(pick, batch.latents["control_1"], batch.latents["control_0"])
+        indices, noise = batch.reverse_draw if reverse else batch.forward_draw
+        sigmas = sigmas_for(indices).to(self.device)
+        guidance = torch.full((target.shape[0],), self.config.train.guidance, device=self.device)
+        with self.accelerator.autocast():
+            prediction = self.backend.predict(
+                noisy_latents(target, noise, sigmas), sigmas, batch.context, batch.pooled, guidance, control
+            )
+        return flow_matching_loss(
+            prediction, target, noise, indices.to(self.device), self.config.train.timestep_weighting
+        )
+
+    def train_step(self) -> float:
+        """One optimiser step over the global batch (and its accumulation micro-batches); returns the global loss."""
+        train = self.config.train
+        total = torch.zeros((), device=self.device)
+        rank = self.accelerator.process_index
+        for micro in range(train.gradient_accumulation_steps):
+            positions = self.global_positions(self.step, micro)
+            needs_reverse = any(self._reverse_weight(self.pair_only[self.example_at(p)]) for p in positions)
+            local = positions[rank * self.local_batch : (rank + 1) * self.local_batch]
+            batch = self.make_batch(local)
+            terms = [False, True] if needs_reverse else [False]
+            for reverse in terms:  # one backward per term: the checkpoint recompute must see that term's mix
+                per_sample = self.term_losses(batch, reverse)
+                if reverse:
+                    per_sample = per_sample * batch.reverse_weight
+                loss = per_sample.mean() / train.gradient_accumulation_steps
+                self.accelerator.backward(loss)
+                self.injector.clear_mix()
+                total = total + loss.detach()
+        if train.max_grad_norm > 0:
+            self.accelerator.clip_grad_norm_(self.model.parameters(), train.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return float(self.accelerator.reduce(total, reduction="mean"))
+
+    @torch.no_grad()
+    def validation_loss(self, files: list[str] | None = None) -> torch.Tensor:
+        """Per-example forward-term loss on held-out examples, with fixed noise (comparable between runs)."""
+        files = self.validation_files if files is None else files
+        saved = self.validation_files
+        self.validation_files = files
+        try:
+            losses = []
+            for start in range(0, len(files), max(1, self.local_batch)):
+                positions = list(range(start, min(len(files), start + max(1, self.local_batch))))
+                batch = self.make_batch(positions, randomise=False)
+                coefficients = self.basis(batch.queries)
+                self.injector.set_mix(coefficients)
+                losses.append(self._plain_losses(batch))
+                self.injector.clear_mix()
+            return torch.cat(losses).cpu()
+        finally:
+            self.validation_files = saved
+
+    def _plain_losses(self, batch: Batch) -> torch.Tensor:
+        target, control = batch.latents["target_0"], batch.latents["control_0"]
+        indices, noise = batch.forward_draw
+        sigmas = sigmas_for(indices).to(self.device)
+        guidance = torch.full((target.shape[0],), self.config.train.guidance, device=self.device)
+        with self.accelerator.autocast():
+            prediction = self.backend.predict(
+                noisy_latents(target, noise, sigmas), sigmas, batch.context, batch.pooled, guidance, control
+            )
+        return flow_matching_loss(
+            prediction, target, noise, indices.to(self.device), self.config.train.timestep_weighting
+        )
+
+    @torch.no_grad()
+    def coefficients_of(self, files: list[str]) -> torch.Tensor:
+        """``[examples, modules, K]`` coefficients of cached examples (as given, not swapped)."""
+        queries = torch.cat([self._query(self.cached[f], 0) for f in files]).to(self.device)
+        coefficients = self.basis(queries)
+        return torch.stack([coefficients[name] for name in self.basis.module_names], dim=1).cpu()
+
+    # ----------------------------------------------------------------------------------------------- loop
+    def train(self, on_step_end: Callable[[Trainer], None] | None = None) -> str:
+        """Run to ``train.steps``; returns the final basis path. Ctrl-C saves a checkpoint first."""
+        config, accelerator = self.config, self.accelerator
+        if accelerator.is_main_process:
+            os.makedirs(config.output_dir, exist_ok=True)
+            dump_config(config, os.path.join(config.output_dir, "train_config.yaml"))
+        if config.train.log_with:
+            accelerator.init_trackers(config.name)
+        bar = _progress(config.train.steps, self.step, accelerator.is_main_process)
+        started, first_step = time.perf_counter(), self.step
+        try:
+            while self.step < config.train.steps:
+                loss = self.train_step()
+                self.losses.append((self.step, loss))
+                if config.train.log_with:
+                    accelerator.log({"loss": loss, "lr": self.scheduler.get_last_lr()[0]}, step=self.step)
+                if bar is not None:
+                    rate = (self.step - first_step) / max(1e-9, time.perf_counter() - started)
+                    bar.set_postfix(loss=f"{loss:.4f}", steps_per_s=f"{rate:.2f}")
+                    bar.update(1)
+                if (
+                    self.validation_files
+                    and config.train.validation_every
+                    and not self.step % config.train.validation_every
+                ):
+                    self._record_validation()
+                if self.step % config.train.save_every == 0 and self.step < config.train.steps:
+                    self.save_checkpoint()
+                if on_step_end is not None:
+                    on_step_end(self)
+        except KeyboardInterrupt:
+            accelerator.print(f"\ninterrupted at step {self.step}: saving a checkpoint before exiting")
+            self.save_checkpoint()
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        if self.validation_files:
+            self._record_validation()
+        self.save_checkpoint()
+        accelerator.end_training()
+        return self.final_basis_path
+
+    def _record_validation(self) -> None:
+        value = float(self.validation_loss().mean())
+        self.validation_losses.append((self.step, value))
+        if self.config.train.log_with:
+            self.accelerator.log({"validation_loss": value}, step=self.step)
+
+    def close(self) -> None:
+        """Give the base model back as it was: hooks removed, blocks un-checkpointed, backend changes undone."""
+        self.injector.detach()
+        disable_gradient_checkpointing(self.backend.diffusion_model)
+        self.backend.close()
+
+    # ----------------------------------------------------------------------------------------------- saving
+    @property
+    def checkpoint_root(self) -> Path:
+        return Path(self.config.output_dir) / "checkpoints"
+
+    @property
+    def final_basis_path(self) -> str:
+        return os.path.join(self.config.output_dir, f"{self.config.name}.safetensors")
+
+    def save_checkpoint(self) -> Path:
+        """Accelerate state (basis, optimiser, scheduler, RNG) + trainer state + the basis in the released format.
+
+        Written to ``step_N.tmp`` and renamed when complete, so an interrupted save never replaces a good one.
+        """
+        accelerator = self.accelerator
+        final = self.checkpoint_root / f"step_{self.step:08d}"
+        temporary = final.with_name(final.name + ".tmp")
+        if accelerator.is_main_process:
+            shutil.rmtree(temporary, ignore_errors=True)
+            temporary.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(temporary))
+        accelerator.wait_for_everyone()  # every process has written its RNG state before the folder is renamed
+        if accelerator.is_main_process:
+            state = {"step": self.step, "losses": self.losses, "validation_losses": self.validation_losses}
+            (temporary / "trainer_state.json").write_text(json.dumps(state))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(temporary, final)
+            self._prune_checkpoints()
+            self._save_basis_files()
+        accelerator.wait_for_everyone()
+        return final
+
+    def _save_basis_files(self) -> None:
+        config = self.config
+        dtype = _SAVE_DTYPES[config.train.save_dtype]
+        extra = {"steps": self.step, "lr": config.train.lr, "batch_size": config.train.batch_size}
+        step_file = os.path.join(config.output_dir, f"{config.name}_{self.step:09d}.safetensors")
+        save_basis(self.basis, step_file, config.name, dtype=dtype, step=self.step, extra_train=extra)
+        shutil.copyfile(step_file, self.final_basis_path + ".tmp")
+        os.replace(self.final_basis_path + ".tmp", self.final_basis_path)
+        step_files = sorted(Path(config.output_dir).glob(f"{config.name}_*.safetensors"))
+        for old in step_files[: -config.train.keep_checkpoints]:
+            old.unlink()
+        write_loss_plot(self.losses, self.validation_losses, os.path.join(config.output_dir, "loss.png"))
+
+    def _prune_checkpoints(self) -> None:
+        complete = sorted(p for p in self.checkpoint_root.glob("step_*") if not p.name.endswith(".tmp"))
+        for old in complete[: -self.config.train.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def latest_checkpoint(self) -> Path | None:
+        complete = sorted(p for p in self.checkpoint_root.glob("step_*") if not p.name.endswith(".tmp"))
+        return complete[-1] if complete else None
+
+    def resume(self, checkpoint: str | os.PathLike | None = None) -> int:
+        """Restore a checkpoint (the latest when None); returns the step it continues from."""
+        path = Path(checkpoint) if checkpoint else self.latest_checkpoint()
+        if path is None or not (path / "trainer_state.json").is_file():
+            raise LoRWeBError(
+                f"no complete checkpoint to resume from in {self.checkpoint_root if path is None else path}. "
+                "Start without --resume, or give a checkpoints/step_N folder."
+            )
+        self.accelerator.load_state(str(path))
+        state = json.loads((path / "trainer_state.json").read_text())
+        self.step = int(state["step"])
+        self.losses = [tuple(x) for x in state["losses"]]
+        self.validation_losses = [tuple(x) for x in state.get("validation_losses", [])]
+        return self.step
+
+
+def _progress(total: int, start: int, main: bool):
+    if not main:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, initial=start, desc="LoRWeB training", unit="step", dynamic_ncols=True)

@@ -1,0 +1,170 @@
+"""ComfyUI glue for the trainer: the frozen base model and encoders from ComfyUI's own loaders and model files.
+
+The only trainer file that imports ``comfy``. ``model.backend: comfyui`` in the training yaml selects
+:func:`comfyui_backend`; run the trainer with ComfyUI's python (and ``model.comfyui_root`` when started outside the
+ComfyUI folder). File names are paths, or names inside ComfyUI's model folders (``diffusion_models``,
+``text_encoders``, ``vae``, ``clip_vision``), as its loader nodes list them.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+
+import torch
+
+from lorweb_ops.errors import LoRWeBError
+from lorweb_train.backend import FluxBackend
+
+_FP8 = {"fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+
+
+def ensure_comfy(comfyui_root: str = "") -> None:
+    """Make ``import comfy`` work: already importable (inside ComfyUI), or from ``model.comfyui_root``."""
+    try:
+        import comfy.sd  # noqa: F401
+
+        return
+    except ImportError:
+        pass
+    if not comfyui_root or not os.path.isdir(os.path.join(comfyui_root, "comfy")):
+        raise LoRWeBError(
+            "the trainer loads the base model with ComfyUI's loaders, but ComfyUI is not importable. Run it with "
+            "ComfyUI's python and set model.comfyui_root to the ComfyUI folder (the one holding comfy/ and models/)."
+        )
+    sys.path.insert(0, os.path.abspath(comfyui_root))
+
+
+def resolve(name: str, folder: str, what: str) -> str:
+    """A path, or a file name inside one of ComfyUI's model folders."""
+    if not name:
+        raise LoRWeBError(f"model.{what} is empty: give the {what} file (a path or a name in models/{folder}).")
+    if os.path.isfile(name):
+        return name
+    import folder_paths
+
+    found = folder_paths.get_full_path(folder, name)
+    if found is None:
+        raise LoRWeBError(
+            f"model.{what} {name!r} is neither a file nor in ComfyUI's models/{folder}: "
+            f"{folder_paths.get_filename_list(folder)[:5]}. Fix the name or give a full path."
+        )
+    return found
+
+
+def comfyui_backend(model_config, device: torch.device) -> FluxBackend:
+    """Kontext (bf16 or fp8), CLIP-L + T5-XXL, the Flux VAE and CLIP ViT-L/14 vision, as users already have them."""
+    ensure_comfy(model_config.comfyui_root)
+    import comfy.clip_vision
+    import comfy.sd
+    import comfy.utils
+
+    options = {"dtype": _FP8[model_config.weight_dtype]} if model_config.weight_dtype in _FP8 else {}
+    patcher = comfy.sd.load_diffusion_model(
+        resolve(model_config.diffusion_model, "diffusion_models", "diffusion_model"), model_options=options
+    )
+    clip = comfy.sd.load_clip(
+        ckpt_paths=[
+            resolve(model_config.clip_l, "text_encoders", "clip_l"),
+            resolve(model_config.t5xxl, "text_encoders", "t5xxl"),
+        ],
+        clip_type=comfy.sd.CLIPType.FLUX,
+    )
+    vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(resolve(model_config.vae, "vae", "vae")))
+    clip_vision = comfy.clip_vision.load(resolve(model_config.clip_vision, "clip_vision", "clip_vision"))
+    return backend_from_comfy(
+        patcher, device, encode_text=text_encoder(clip), vae=vae, clip_vision=clip_vision, description=str(options)
+    )
+
+
+def _rotate_pairs(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    """RoPE on consecutive pairs with Flux's ``[..., d, 2, 2]`` rotation matrices, in plain (differentiable) torch."""
+    pairs = x.to(freqs_cis.dtype).reshape(*x.shape[:-1], -1, 1, 2)
+    rotated = freqs_cis[..., 0] * pairs[..., 0] + freqs_cis[..., 1] * pairs[..., 1]
+    return rotated.reshape(*x.shape).type_as(x)
+
+
+def _differentiable_rope(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor):
+    return _rotate_pairs(xq, freqs_cis), _rotate_pairs(xk, freqs_cis)
+
+
+def use_differentiable_rope() -> Callable[[], None]:
+    """ComfyUI 0.8's Flux attention calls comfy_kitchen's fused RoPE, which has no backward. Training needs
+    gradients through attention, so swap in the same rotation in plain torch; returns the undo."""
+    import comfy.ldm.flux.math as flux_math
+
+    original = flux_math.apply_rope
+    if not getattr(original, "__module__", "").startswith("comfy_kitchen"):
+        return lambda: None
+    flux_math.apply_rope = _differentiable_rope
+
+    def restore() -> None:
+        flux_math.apply_rope = original
+
+    return restore
+
+
+def text_encoder(clip) -> Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]:
+    """ComfyUI's CLIP (Flux: CLIP-L pooled + T5-XXL tokens) as instructions -> (context, pooled)."""
+
+    def encode(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        contexts, pooled = [], []
+        for text in texts:
+            context, vector = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
+            contexts.append(context[0].float().cpu())
+            pooled.append(vector[0].float().cpu())
+        length = max(c.shape[0] for c in contexts)
+        contexts = [torch.nn.functional.pad(c, (0, 0, 0, length - c.shape[0])) for c in contexts]
+        return torch.stack(contexts), torch.stack(pooled)
+
+    return encode
+
+
+def backend_from_comfy(patcher, device: torch.device, *, encode_text, vae=None, encode_latents=None,
+                       clip_vision=None, embed_images=None, description: str = "") -> FluxBackend:  # fmt: skip
+    """A :class:`FluxBackend` around a ComfyUI ModelPatcher (its ``model.diffusion_model`` is what gets trained on).
+
+    Latents are ComfyUI's VAE encoding passed through the model's own ``process_latent_in`` (shift and scale), the
+    image embeddings ComfyUI's CLIP vision ``image_embeds`` of the pack's own resized/cropped pixels.
+    """
+    model = patcher.model
+    diffusion_model = model.diffusion_model.to(device)
+    if encode_latents is None:
+        if vae is None:
+            raise LoRWeBError("backend_from_comfy needs a VAE or an encode_latents function.")
+
+        def encode_latents(images: torch.Tensor) -> torch.Tensor:
+            return model.process_latent_in(vae.encode(images[..., :3]).float().cpu())
+
+    if embed_images is None:
+        if clip_vision is None:
+            raise LoRWeBError("backend_from_comfy needs a CLIP vision model or an embed_images function.")
+
+        def embed_images(batch: torch.Tensor) -> torch.Tensor:
+            return clip_vision.encode_image(batch, crop=False)["image_embeds"].float().cpu()
+
+    holders = {"vae": vae, "clip_vision": clip_vision, "encode_text": encode_text}
+    restore_rope = use_differentiable_rope()
+
+    def release() -> None:
+        import comfy.model_management
+
+        holders.clear()  # the cache holds everything training needs; let the encoders go
+        comfy.model_management.soft_empty_cache()
+
+    compute_dtype = getattr(model, "manual_cast_dtype", None) or model.get_dtype()
+    if compute_dtype in _FP8.values():
+        compute_dtype = torch.bfloat16
+    name = f"comfyui {type(diffusion_model).__name__} {description} {getattr(clip_vision, 'image_size', '')}"
+    return FluxBackend(
+        diffusion_model,
+        encode_latents,
+        encode_text,
+        embed_images,
+        name.strip(),
+        compute_dtype=compute_dtype,
+        image_size=getattr(clip_vision, "image_size", 224),
+        release_encoders=release,
+        close=restore_rope,
+    )
