@@ -111,7 +111,7 @@ BAD_CASES = {
     "missing config": (
         lambda b: graph(flux(b), golden_analogy(), config="nope.yaml"),
         "rejected",
-        "config 'nope.yaml' was not found",
+        "config: 'nope.yaml' not in",  # ComfyUI's own list check: the node validates only basis_name
     ),
     "NaN strength": (
         lambda b: graph(flux(b), golden_analogy(), strength=float("nan")),
