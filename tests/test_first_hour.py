@@ -98,7 +98,7 @@ def test_one_repository_address_everywhere():
     assert re.fullmatch(r"https://github\.com/[\w.-]+/[\w.-]+", repository)
     assert urls["Documentation"].startswith(repository) and urls["Issues"] == repository + "/issues"
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    assert f"git clone {repository}" in readme
+    assert f"git clone {repository} custom_nodes/comfyui-lorweb" in readme
     addresses = set(re.findall(r"https://github\.com/[\w.-]+/comfyui-lorweb\b", readme))
     assert addresses <= {repository}, addresses
     assert "<this repository>" not in readme

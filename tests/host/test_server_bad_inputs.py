@@ -108,11 +108,6 @@ BAD_CASES = {
         "rejected",
         "names may not leave the folder",
     ),
-    "missing config": (
-        lambda b: graph(flux(b), golden_analogy(), config="nope.yaml"),
-        "rejected",
-        "config: 'nope.yaml' not in",  # ComfyUI's own list check: the node validates only basis_name
-    ),
     "NaN strength": (
         lambda b: graph(flux(b), golden_analogy(), strength=float("nan")),
         "rejected",
@@ -194,6 +189,19 @@ def test_bad_prompt_then_good_prompt(server, case):
     status, message = queue(url, build(base))
     assert status == expected_status, message
     assert expected_message in message, message
+    assert queue(url, fresh_good_prompt(base)) == ("success", "")
+
+
+def test_a_missing_config_is_named_once(server):
+    """Load LoRA Basis validates only basis_name (one message per problem), so the config name meets ComfyUI's own
+    list check: 0.8.0 refuses it when queued; 0.3.64 checks only V1-style combos there, so the node stops the run
+    with its own message, before any weight is touched."""
+    url, base = server
+    status, message = queue(url, graph(flux(base), golden_analogy(), config="nope.yaml"))
+    refused_when_queued = status == "rejected" and "config: 'nope.yaml' not in" in message
+    stopped_by_the_node = status == "error" and "config 'nope.yaml' was not found in the lorweb model folder" in message
+    assert refused_when_queued or stopped_by_the_node, (status, message)
+    assert message.count("nope.yaml' not in") + message.count("config 'nope.yaml' was not found") == 1, message
     assert queue(url, fresh_good_prompt(base)) == ("success", "")
 
 
