@@ -109,7 +109,8 @@ def encode_analogy_pairs(
     This goes beyond the paper, which takes exactly one pair. Each pair is encoded on its own, exactly as
     ``encode_analogy`` does (b with each pair), and the queries are averaged. Every layer projects the query
     linearly before its softmax, so the mean query gives the mean of the per-pair logits: the mix keeps the basis
-    LoRAs the pairs agree on (a normalised geometric mean of the per-pair mixes, not their arithmetic mean).
+    LoRAs the pairs agree on (with softmax mixing and one head: the normalised geometric mean of the per-pair
+    mixes, not their arithmetic mean).
     Identical pairs give exactly the one-pair query.
     """
     if not pairs:
