@@ -4,7 +4,14 @@ No ComfyUI import anywhere in this package; the nodes in ``nodes/`` adapt ComfyU
 """
 
 from .adjust import adjust_mix, blend_weights, check_weights_fit, is_probability_mix, parse_overrides
-from .analogy import Analogy, check_analogy_fits, combine_embeddings, encode_analogy, encoder_images
+from .analogy import (
+    Analogy,
+    check_analogy_fits,
+    combine_embeddings,
+    encode_analogy,
+    encode_analogy_pairs,
+    encoder_images,
+)
 from .basis import LoraBasis, ModuleBasis, clear_basis_cache, load_basis
 from .config import RELEASED_SETTINGS, BasisSettings, resolve_settings
 from .errors import LoRWeBError
@@ -33,6 +40,7 @@ __all__ = [
     "crop_result",
     "delta_weight",
     "encode_analogy",
+    "encode_analogy_pairs",
     "encoder_images",
     "flux_delta",
     "flux_target",

@@ -7,8 +7,8 @@ model's ``image_embeds``. Keeping the encoder outside makes this module testable
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 import torch
@@ -30,6 +30,7 @@ class Analogy:
     embeddings: Mapping[str, torch.Tensor] = field(repr=False)  # encoded image name -> [d]
     encoder: str = "unknown"
     embed_dim: int = 0
+    pairs: int = 1  # example pairs (a, a') averaged into this query; see encode_analogy_pairs
 
     @property
     def query_dim(self) -> int:
@@ -92,6 +93,48 @@ def encode_analogy(
     embeddings = MappingProxyType(dict(zip(images, pooled, strict=True)))
     query = combine_embeddings(query_mode, embeddings)
     return Analogy(query, query_mode, embeddings, encoder, pooled.shape[1])
+
+
+def encode_analogy_pairs(
+    pairs: Sequence[tuple[Image.Image, Image.Image]],
+    b: Image.Image,
+    embed: EmbedFn,
+    *,
+    query_mode: str = "cat-aa'b",
+    image_size: int = 224,
+    encoder: str = "unknown",
+) -> Analogy:
+    """One analogy from several example pairs (a_i, a'_i) of the same edit and one b: the mean of their queries.
+
+    This goes beyond the paper, which takes exactly one pair. Each pair is encoded on its own, exactly as
+    ``encode_analogy`` does (b with each pair), and the queries are averaged. Every layer projects the query
+    linearly before its softmax, so the mean query gives the mean of the per-pair logits: the mix keeps the basis
+    LoRAs the pairs agree on (with softmax mixing and one head: the normalised geometric mean of the per-pair
+    mixes, not their arithmetic mean).
+    Identical pairs give exactly the one-pair query.
+    """
+    if not pairs:
+        raise LoRWeBError("an analogy needs at least one example pair (a, a')")
+    single = [
+        encode_analogy(a, a_prime, b, embed, query_mode=query_mode, image_size=image_size, encoder=encoder)
+        for a, a_prime in pairs
+    ]
+    if len(single) == 1:
+        return single[0]
+    first = single[0]
+    embeddings = {name: _exact_mean([one.embeddings[name] for one in single]) for name in first.embeddings}
+    return replace(
+        first,
+        query=_exact_mean([one.query for one in single]),
+        embeddings=MappingProxyType(embeddings),
+        pairs=len(single),
+    )
+
+
+def _exact_mean(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The mean as first + mean of the differences to it: bitwise the first tensor when all are equal."""
+    first = tensors[0]
+    return first + torch.stack([t - first for t in tensors]).mean(dim=0)
 
 
 def check_analogy_fits(analogy: Analogy, settings: BasisSettings, query_dim: int) -> None:

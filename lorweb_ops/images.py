@@ -23,8 +23,10 @@ def single_image(image: torch.Tensor, name: str) -> torch.Tensor:
         raise LoRWeBError(f"image {name!r} must be a ComfyUI IMAGE [batch, height, width, channels]")
     if image.shape[0] != 1:
         raise LoRWeBError(
-            f"image {name!r} is a batch of {image.shape[0]}; one analogy (a, a', b) is encoded per run. "
-            "Pick one image (e.g. with ImageFromBatch), or run many with scripts/run_analogy.py over a folder."
+            f"image {name!r} is a batch of {image.shape[0]}; each analogy takes one image per input. Pick one "
+            "(e.g. with ImageFromBatch), or, for many b images, pass them as a list (Rebatch Images with "
+            "batch_size 1, or a folder loader that outputs a list): each b then gets its own analogy and result. "
+            "From the command line: scripts/run_analogy.py with a folder."
         )
     height, width = image.shape[1], image.shape[2]
     if min(height, width) < MIN_IMAGE_SIDE:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
-from ..lorweb_ops import RELEASED_SETTINGS, check_analogy_fits, encode_analogy
+from ..lorweb_ops import RELEASED_SETTINGS, LoRWeBError, check_analogy_fits, encode_analogy_pairs
 from ..lorweb_ops.images import single_image, to_pil
 from .types import CATEGORY, Analogy, Basis
 
@@ -18,6 +18,47 @@ def _embed_with(clip_vision):
         return clip_vision.encode_image(batch, crop=False)["image_embeds"]
 
     return embed
+
+
+#: example pairs beyond the first one (a, a'): optional inputs a_2/a_prime_2 ... a_4/a_prime_4
+EXTRA_PAIRS = (2, 3, 4)
+
+
+def _extra_pair_inputs() -> list:
+    inputs = []
+    for number in EXTRA_PAIRS:
+        inputs += [
+            io.Image.Input(
+                f"a_{number}",
+                display_name=f"a (pair {number})",
+                optional=True,
+                tooltip=f"Optional example pair {number}, before the edit: another example of the same edit. "
+                "The queries of all pairs are averaged (beyond the paper, which takes one pair).",
+            ),
+            io.Image.Input(
+                f"a_prime_{number}",
+                display_name=f"a′ (pair {number})",
+                optional=True,
+                tooltip=f"Optional example pair {number}, after the edit. Connect it together with a (pair {number}).",
+            ),
+        ]
+    return inputs
+
+
+def _example_pairs(a, a_prime, extra: dict) -> list[tuple]:
+    """(a, a') of every connected pair, in order; half a pair is an error."""
+    pairs = [(a, a_prime, "a", "a′")]
+    for number in EXTRA_PAIRS:
+        before, after = extra.get(f"a_{number}"), extra.get(f"a_prime_{number}")
+        if before is None and after is None:
+            continue
+        if before is None or after is None:
+            missing = f"a (pair {number})" if before is None else f"a′ (pair {number})"
+            raise LoRWeBError(
+                f"example pair {number} is only half connected: connect {missing} too, or disconnect the other one."
+            )
+        pairs.append((before, after, f"a (pair {number})", f"a′ (pair {number})"))
+    return pairs
 
 
 def _encoder_name(clip_vision) -> str:
@@ -33,7 +74,9 @@ class EncodeAnalogy(io.ComfyNode):
             display_name="Encode Analogy Pair",
             category=CATEGORY,
             description="Encodes an example edit a -> a' and a new image b with a CLIP vision model into the query "
-            "that mixes the LoRWeB basis. a' and b are resized to a's size first, as in the grid.",
+            "that mixes the LoRWeB basis. a' and b are resized to a's size first, as in the grid. Optional extra "
+            "pairs of the same edit are averaged into one query. A list of b images (e.g. from a folder loader) "
+            "gives one analogy per b.",
             inputs=[
                 io.ClipVision.Input(
                     "clip_vision",
@@ -58,18 +101,21 @@ class EncodeAnalogy(io.ComfyNode):
                     tooltip="Reverse the example edit (a′ → a): swaps a and a′ in the query. Set the "
                     "same switch on Analogy Grid.",
                 ),
+                *_extra_pair_inputs(),
             ],
             outputs=[Analogy.Output(display_name="analogy", tooltip="The query of this analogy, for Apply.")],
         )
 
     @classmethod
-    def execute(cls, clip_vision, a, a_prime, b, basis=None, reverse: bool = False) -> io.NodeOutput:
+    def execute(cls, clip_vision, a, a_prime, b, basis=None, reverse: bool = False, **extra) -> io.NodeOutput:
         settings = basis.settings if basis is not None else RELEASED_SETTINGS
-        images = [to_pil(single_image(image, name)) for image, name in ((a, "a"), (a_prime, "a′"), (b, "b"))]
-        if reverse:
-            images[0], images[1] = images[1], images[0]
-        analogy = encode_analogy(
-            *images,
+        pairs = []
+        for before, after, before_name, after_name in _example_pairs(a, a_prime, extra):
+            pair = (to_pil(single_image(before, before_name)), to_pil(single_image(after, after_name)))
+            pairs.append(pair[::-1] if reverse else pair)
+        analogy = encode_analogy_pairs(
+            pairs,
+            to_pil(single_image(b, "b")),
             _embed_with(clip_vision),
             query_mode=settings.query_mode,
             image_size=clip_vision.image_size,

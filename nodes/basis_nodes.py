@@ -39,12 +39,13 @@ class LoadBasis(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, basis_name: str | None = None, config: str | None = None) -> bool | str:
-        # a name that arrives through a link is None here; execute checks it
+    def validate_inputs(cls, basis_name: str | None = None) -> bool | str:
+        # Only basis_name: ComfyUI repeats a message once per argument of this method, so one argument keeps each
+        # problem to one message. A config name that is not in models/lorweb is refused by ComfyUI's own list check
+        # (0.8.0; 0.3.64 does not check V3 combos when queued, so execute names it).
+        # A name that arrives through a link is None here; execute checks it.
         if basis_name is not None and model_folders.resolve_in_folder(basis_name) is None:
             return model_folders.missing_file_message("basis file", basis_name)
-        if config not in (None, model_folders.AUTO_CONFIG) and model_folders.resolve_in_folder(config) is None:
-            return model_folders.missing_file_message("config", config)
         return True
 
     @classmethod

@@ -15,6 +15,11 @@ AUTO_CONFIG = "auto"
 def register_lorweb_folder() -> None:
     """Add ``models/lorweb``, keeping paths that extra_model_paths.yaml registered before us."""
     default = os.path.join(folder_paths.models_dir, FOLDER)
+    # made at start-up so users (and the Missing Models dialog's downloads) find the folder to put the basis in
+    try:
+        os.makedirs(default, exist_ok=True)
+    except OSError:
+        pass  # a read-only models folder: the messages name the folder for the user to create
     if FOLDER in folder_paths.folder_names_and_paths:
         paths, extensions = folder_paths.folder_names_and_paths[FOLDER]
         if default not in paths:

@@ -97,6 +97,7 @@ def test_notes_name_every_model_file_its_folder_its_source_and_the_licence(name)
         "comfyanonymous/flux_text_encoders",
         "black-forest-labs/FLUX.1-Kontext-dev",
         "Comfy-Org/flux1-kontext-dev_ComfyUI",
+        "Comfy-Org/Lumina_Image_2.0_Repackaged",
     ):
         assert source in notes
     assert "NVIDIA" in notes and "non-commercial" in notes

@@ -22,7 +22,8 @@ MODEL_FILES = {
     "t5xxl_fp8_e4m3fn_scaled.safetensors": "text_encoders",
     "ae.safetensors": "vae",
 }
-INPUT_IMAGES = ("lorweb_a.png", "lorweb_a_prime.png", "lorweb_b.png")
+#: the pack's own example images (example_inputs/, drawn by scripts/example_inputs.py) the templates load
+INPUT_IMAGES = ("lorweb_a.png", "lorweb_a_prime.png", "lorweb_b.png", "lorweb_b_sketch.png")
 
 # The converter the runner uses (scripts/ is not a package); re-exported for the tests.
 from lorweb_workflow import (  # noqa: E402

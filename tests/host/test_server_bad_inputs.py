@@ -133,11 +133,6 @@ BAD_CASES = {
         "rejected",
         "names may not leave the folder",
     ),
-    "missing config": (
-        lambda b: graph(flux(b), golden_analogy(), config="nope.yaml"),
-        "rejected",
-        "config 'nope.yaml' was not found",
-    ),
     "NaN strength": (
         lambda b: graph(flux(b), golden_analogy(), strength=float("nan")),
         "rejected",
@@ -291,6 +286,31 @@ def good_prompt_latent(url: str, base, label: str) -> torch.Tensor:
     assert queue(url, prompt) == ("success", "")
     saved = sorted((base / "output" / "latents").glob(f"{tag}_*.latent"))
     return load_file(str(saved[-1]))["latent_tensor"]
+
+
+def test_a_missing_config_is_named_once(server):
+    """Load LoRA Basis validates only basis_name (one message per problem), so the config name meets ComfyUI's own
+    list check: 0.8.0 refuses it when queued; 0.3.64 checks only V1-style combos there, so the node stops the run
+    with its own message, before any weight is touched."""
+    import comfyui_version
+
+    url, base = server
+    status, message = queue(url, graph(flux(base), golden_analogy(), config="nope.yaml"))
+    version = tuple(int(part) for part in comfyui_version.__version__.split(".")[:3])
+    if version >= (0, 8, 0):
+        assert status == "rejected" and message.count("config: 'nope.yaml' not in") == 1, (status, message)
+    else:
+        assert status == "error", (status, message)
+        assert message.count("config 'nope.yaml' was not found in the lorweb model folder") == 1, message
+    assert "nope.yaml' not in" not in message or "was not found" not in message  # one message, not both
+    assert queue(url, fresh_good_prompt(base)) == ("success", "")
+
+
+def fresh_good_prompt(base) -> dict:
+    """A good prompt the server has not cached (new seed), so it really runs."""
+    prompt = graph(flux(base), golden_analogy())
+    prompt["sample"]["inputs"]["seed"] = time.monotonic_ns() % 2**31
+    return prompt
 
 
 @pytest.mark.parametrize("case", list(GOOD_CASES))

@@ -4,13 +4,13 @@ pack, served, and every node, socket, link and widget value valid for that Comfy
 from __future__ import annotations
 
 import math
+import shutil
 import urllib.request
 from pathlib import Path
 
 import pytest
-from comfy_host import PACK_LINK_NAME
+from comfy_host import PACK_LINK_NAME, REPO_ROOT
 from comfy_server import get_json, make_base, post_json, running_server
-from PIL import Image
 from workflow_testing import (
     CONTROL_VALUES,
     FRONTEND_ONLY_TYPES,
@@ -33,12 +33,12 @@ def _get_bytes(url: str) -> tuple[bytes, str]:
 
 
 def _place_inputs(base: Path) -> None:
-    """Placeholder model files (names only: ComfyUI lists them) and the workflows' input images."""
+    """Placeholder model files (names only: ComfyUI lists them) and the workflows' example images."""
     for file_name, folder in MODEL_FILES.items():
         (base / "models" / folder).mkdir(parents=True, exist_ok=True)
         (base / "models" / folder / file_name).write_bytes(b"")
-    for name in INPUT_IMAGES:
-        Image.new("RGB", (32, 32), "white").save(base / "input" / name)
+    for name in INPUT_IMAGES:  # the pack's own example images, as scripts/example_inputs.py install copies them
+        shutil.copyfile(REPO_ROOT / "example_inputs" / name, base / "input" / name)
 
 
 @pytest.fixture(scope="module")

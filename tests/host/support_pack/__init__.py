@@ -27,6 +27,8 @@ if REPO_ROOT not in sys.path:
 
 import lorweb_ops  # noqa: E402  (the plain library; duck-typed objects cross to the pack's own copy)
 
+from .recording import RecordMix  # noqa: E402
+
 #: what the last ProbeWeights node saw: {"model": patcher, "weights": {key: tensor}}
 PROBES: dict = {}
 #: the last model TinyFluxLoader built (tests check that failed runs left it untouched)
@@ -222,4 +224,5 @@ NODE_CLASS_MAPPINGS = {
     "LoRWeBTest_RandomTextConditioning": RandomTextConditioning,
     "LoRWeBTest_ProbeWeights": ProbeWeights,
     "LoRWeBTest_ProbeLinear": ProbeLinear,
+    "LoRWeBTest_RecordMix": RecordMix,
 }

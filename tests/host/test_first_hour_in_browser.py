@@ -1,0 +1,162 @@
+"""A new user's first hour in a fresh ComfyUI (``main.py --cpu`` and its own front end in headless Chromium):
+``models/lorweb`` exists after the first start, the pack's example images go into the input folder only when asked,
+the template queues with no error but "model file missing", the Missing Models dialog offers all six model files,
+and with the files in place the template is accepted as it is.
+
+The screenshots (template graph, Missing Models dialog) are left in the test's base folder for the README.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from browser import find_chromium, open_page
+from comfy_host import PACK_LINK_NAME, REPO_ROOT
+from comfy_server import get_json, post_json, running_server
+from workflow_testing import FORWARD, INPUT_IMAGES, MODEL_FILES, WORKFLOWS, load_example, ui_to_api
+
+CHROMIUM = find_chromium()
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None, reason="no Chromium on this machine: install Debian's 'chromium' (.ci/run does it where it can)"
+)
+#: the node types whose widget names a model file, and the ComfyUI error a missing file gives there
+MODEL_LOADERS = {"UNETLoader", "DualCLIPLoader", "VAELoader", "CLIPVisionLoader", "LoRWeB_LoadBasis"}
+
+
+def fresh_base(base: Path) -> Path:
+    """A ComfyUI base folder as a user has it after ``git clone`` into custom_nodes: no models/lorweb yet."""
+    (base / "custom_nodes").mkdir(parents=True)
+    (base / "custom_nodes" / PACK_LINK_NAME).symlink_to(REPO_ROOT, target_is_directory=True)
+    for folder in ("input", "output", "temp", "user"):
+        (base / folder).mkdir()
+    return base
+
+
+def install_example_images(input_dir: Path) -> str:
+    script = REPO_ROOT / "scripts" / "example_inputs.py"
+    command = [sys.executable, str(script), "install", "--input-dir", str(input_dir)]
+    return subprocess.run(command, capture_output=True, text=True, check=True).stdout
+
+
+def queue(url: str, name: str, info: dict) -> tuple[int, dict]:
+    status, body = post_json(url + "/prompt", {"prompt": ui_to_api(load_example(name), info), "client_id": "lorweb"})
+    post_json(url + "/queue", {"clear": True})
+    post_json(url + "/interrupt", {})
+    return status, body or {}
+
+
+@pytest.fixture(scope="module")
+def first_hour(tmp_path_factory):
+    base = fresh_base(tmp_path_factory.mktemp("first_hour"))
+    results = {"lorweb_before": (base / "models" / "lorweb").exists()}
+    with running_server(base) as url:
+        results["lorweb_after"] = (base / "models" / "lorweb").is_dir()
+        post_json(url + "/settings/Comfy.TutorialCompleted", True)  # no first-run template browser over the canvas
+        info = get_json(url + "/object_info")
+        results["inputs_before"] = sorted(path.name for path in (base / "input").iterdir())
+        results["install_report"] = install_example_images(base / "input")
+        results["without_models"] = {name: queue(url, name, info) for name in WORKFLOWS}
+        results["dialog"], results["errors"] = asyncio.run(_missing_models_dialog(url, base))
+        for file_name, folder in MODEL_FILES.items():
+            (base / "models" / folder).mkdir(parents=True, exist_ok=True)
+            (base / "models" / folder / file_name).write_bytes(b"")  # names only: validation lists them
+        results["with_models"] = {name: queue(url, name, info) for name in WORKFLOWS}
+        results["dialog_with_models"], _ = asyncio.run(_missing_models_dialog(url, base, screenshots=False))
+    results["base"] = base
+    return results
+
+
+async def _missing_models_dialog(url: str, base: Path, screenshots: bool = True) -> tuple[str | None, list[str]]:
+    """Open the forward template as the template browser does; the dialog's text (None: no dialog)."""
+    async with open_page(CHROMIUM, base / f"profile_{screenshots}") as page:
+        await page.send("Page.navigate", {"url": url})
+        await page.wait_for(
+            "window.app && window.app.graph && window.LiteGraph"
+            " && window.LiteGraph.registered_node_types['LoRWeB_EncodeAnalogy']",
+            timeout=90,
+        )
+        template = f"/api/workflow_templates/{PACK_LINK_NAME}/{FORWARD}.json"
+        await page.evaluate(
+            f"fetch({json.dumps(template)}).then(r => r.json())"
+            f".then(w => window.app.loadGraphData(w, true, true, {json.dumps(FORWARD)}))"
+        )
+        try:
+            await page.wait_for("document.querySelector('.comfy-missing-models')", timeout=15)
+        except TimeoutError:
+            return None, list(page.errors)
+        await asyncio.sleep(1.0)
+        text = await page.evaluate("document.querySelector('.comfy-missing-models').innerText")
+        if screenshots:
+            await page.screenshot(base / "missing_models_dialog.png")
+            await page.evaluate("document.querySelectorAll('.p-dialog-close-button').forEach(b => b.click())")
+            await _show_whole_graph(page)
+            await page.screenshot(base / "template_graph.png")
+        return text, list(page.errors)
+
+
+async def _show_whole_graph(page) -> None:
+    """A viewport and zoom at which the whole template is drawn with its text (not the low-detail mode)."""
+    metrics = {"width": 1900, "height": 1150, "deviceScaleFactor": 1, "mobile": False}
+    await page.send("Emulation.setDeviceMetricsOverride", metrics)
+    await asyncio.sleep(1.0)
+    await page.evaluate(
+        "(() => { const ds = window.app.canvas.ds; ds.scale = 0.74;"
+        " ds.offset = [90 / 0.74 + 480, 70 / 0.74 + 40]; window.app.canvas.setDirty(true, true); })()"
+    )
+    await asyncio.sleep(1.5)
+
+
+def test_models_lorweb_exists_after_the_first_start(first_hour):
+    assert not first_hour["lorweb_before"] and first_hour["lorweb_after"]
+
+
+def test_example_images_reach_the_input_folder_only_when_asked(first_hour):
+    assert not set(first_hour["inputs_before"]) & set(INPUT_IMAGES)  # ComfyUI itself makes input/3d
+    report = first_hour["install_report"]
+    for name in INPUT_IMAGES:
+        assert f"copied {name}" in report
+        assert (first_hour["base"] / "input" / name).read_bytes() == (REPO_ROOT / "example_inputs" / name).read_bytes()
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_before_the_model_files_only_model_files_are_missing(first_hour, name):
+    status, body = first_hour["without_models"][name]
+    assert status == 400
+    errors = body["node_errors"]
+    assert errors, body
+    text = json.dumps(body)
+    assert "Invalid image file" not in text and "LoadImage" not in {e["class_type"] for e in errors.values()}
+    assert {error["class_type"] for error in errors.values()} == MODEL_LOADERS
+    for error in errors.values():
+        kinds = {entry["type"] for entry in error["errors"]}
+        if error["class_type"] == "LoRWeB_LoadBasis":
+            # each problem once: one message for the missing basis, not one per input of the node
+            assert len(error["errors"]) == 1 and kinds == {"custom_validation_failed"}, error
+            assert "lorweb_model.safetensors' was not found in the lorweb model folder" in error["errors"][0]["details"]
+        else:
+            assert kinds == {"value_not_in_list"}, error
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_with_the_model_files_in_place_the_template_is_accepted(first_hour, name):
+    status, body = first_hour["with_models"][name]
+    assert status == 200 and not body.get("node_errors"), body
+
+
+def test_the_missing_models_dialog_offers_all_six_files(first_hour):
+    text = first_hour["dialog"]
+    assert text is not None, f"no Missing Models dialog; page errors: {first_hour['errors']}"
+    for file_name, folder in MODEL_FILES.items():
+        assert f"{folder} / {file_name}" in text, (file_name, text)
+    for refusal in ("Invalid directory", "Download not allowed", "Only allowed suffixes"):
+        assert refusal not in text, text
+    assert (first_hour["base"] / "template_graph.png").stat().st_size > 10_000
+
+
+def test_no_dialog_once_the_files_are_there(first_hour):
+    assert first_hour["dialog_with_models"] is None
