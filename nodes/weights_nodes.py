@@ -6,9 +6,9 @@ import math
 
 from comfy_api.latest import io
 
-from ..lorweb_ops import MixWeights
-from ..lorweb_ops.adjust import OVERRIDE_EXAMPLE, adjust_mix, blend_weights, check_weights_fit, parse_overrides
-from .apply_nodes import apply_mix, mix_outputs, strength_input, validate_strength
+from ..lorweb_ops import MixWeights, check_weights_fit
+from ..lorweb_ops.adjust import OVERRIDE_EXAMPLE, adjust_mix, blend_weights, parse_overrides
+from .mix_output import apply_mix, mix_outputs, strength_input, validate_strength
 from .types import CATEGORY, Basis, Weights
 
 

@@ -14,6 +14,7 @@ Works with ComfyUI 0.3.64 and 0.8.0. Nothing here imports the pack; ComfyUI is i
 from __future__ import annotations
 
 import asyncio
+import copy
 import importlib
 import inspect
 import itertools
@@ -199,8 +200,11 @@ def validate(prompt: dict) -> tuple:
 def run_prompt(executor, prompt: dict, extra_data: dict | None = None) -> dict:
     """Validate and execute one API prompt; returns the outputs' UI data.
 
-    Raises PromptRejected or ExecutionFailed with ComfyUI's own messages.
+    Raises PromptRejected or ExecutionFailed with ComfyUI's own messages. The executor runs a copy, as the server
+    runs the prompt it decoded from each request: ComfyUI stores its re-run fingerprints (``is_changed``) in the
+    prompt it is given, and a reused dict would carry the first run's fingerprints into every later run.
     """
+    prompt = copy.deepcopy(prompt)
     valid, error, outputs, node_errors = validate(prompt)
     if not valid:
         raise PromptRejected(error, node_errors)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from lorweb_testing import GOLDEN, GOLDEN_TENSORS
+import torch
+from lorweb_testing import GOLDEN, GOLDEN_CKPT, GOLDEN_FUSED_KEYS, GOLDEN_TENSORS
+
+import lorweb_ops
 
 GOLDEN_FLUX = dict(hidden=8, mlp_ratio=4.0, heads=1, axes=[2, 2, 4], depth=1, single_depth=1, context=16, vec=8)
 STRENGTH = 0.75
@@ -85,3 +88,17 @@ def clip_analogy(a="a.png", a_prime="a_prime.png", b="b.png") -> tuple[dict, dic
         },
     }
     return node, extra
+
+
+def expected_delta(golden, variant: str, key: str) -> torch.Tensor:
+    """The golden delta of a BFL weight (fused ones given directly, whole ones as the module's dW)."""
+    if key in GOLDEN_FUSED_KEYS:
+        return golden[f"{variant}::dW_fused::{key}"]
+    basis = lorweb_ops.load_basis(GOLDEN_CKPT)
+    module = next(t.module for t in lorweb_ops.module_targets(basis) if t.bfl_layer == key)
+    return golden[f"{variant}::dW::{module}"]
+
+
+def patched_layers() -> list[str]:
+    basis = lorweb_ops.load_basis(GOLDEN_CKPT)
+    return sorted({t.bfl_layer for t in lorweb_ops.module_targets(basis)})

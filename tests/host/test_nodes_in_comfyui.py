@@ -5,11 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from comfy_host import ExecutionFailed, PromptRejected
-from host_graphs import GOLDEN_FLUX, STRENGTH, clip_analogy, golden_analogy, graph
+from host_graphs import GOLDEN_FLUX, STRENGTH, clip_analogy, expected_delta, golden_analogy, graph, patched_layers
 from lorweb_testing import (
     GOLDEN,
     GOLDEN_CKPT,
-    GOLDEN_FUSED_KEYS,
     GOLDEN_TENSORS,
     GOLDEN_VARIANTS,
     random_basis_tensors,
@@ -21,20 +20,6 @@ from safetensors.torch import load_file
 
 import lorweb_ops
 from lorweb_ops.flux_map import released_module_names
-
-
-def expected_delta(golden, variant: str, key: str) -> torch.Tensor:
-    """The golden delta of a BFL weight (fused ones given directly, whole ones as the module's dW)."""
-    if key in GOLDEN_FUSED_KEYS:
-        return golden[f"{variant}::dW_fused::{key}"]
-    basis = lorweb_ops.load_basis(GOLDEN_CKPT)
-    module = next(t.module for t in lorweb_ops.module_targets(basis) if t.bfl_layer == key)
-    return golden[f"{variant}::dW::{module}"]
-
-
-def patched_layers() -> list[str]:
-    basis = lorweb_ops.load_basis(GOLDEN_CKPT)
-    return sorted({t.bfl_layer for t in lorweb_ops.module_targets(basis)})
 
 
 @pytest.mark.parametrize("variant", list(GOLDEN_VARIANTS))
