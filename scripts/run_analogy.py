@@ -36,7 +36,7 @@ if str(SCRIPTS) not in sys.path:
 
 import comfy_harness  # noqa: E402
 from lorweb_workflow import load_workflow  # noqa: E402
-from runner_jobs import Job, Share, b_images, collect, not_done, output_names, place_image  # noqa: E402
+from runner_jobs import Job, Share, b_images, collect, not_done, place_image  # noqa: E402
 from runner_progress import ProgressServer  # noqa: E402
 from runner_prompt import DefinitionsOf, RunSettings, build_prompt, image_loaders, missing_model_files  # noqa: E402
 
@@ -220,11 +220,24 @@ def execute(executor, stand_in: ProgressServer, prompt: dict, label: str) -> dic
         stand_in.finish()
 
 
-def run_job(job: Job, workflow: dict, stand_in: ProgressServer, work: Path) -> list[Path]:
+def prompt_for(job: Job, workflow: dict, custom_nodes: bool) -> dict:
+    """The API prompt of the job; a node type this ComfyUI did not load is named with what to do about it."""
+    try:
+        return build_prompt(workflow, DefinitionsOf(), job.settings)
+    except KeyError as error:
+        fix = (
+            "install the node pack that provides it into ComfyUI's custom_nodes folder"
+            if custom_nodes
+            else "pass --custom-nodes to load the node packs installed in ComfyUI (e.g. ComfyUI-GGUF)"
+        )
+        raise SystemExit(f"--workflow: {error.args[0]}: {fix}") from None
+
+
+def run_job(job: Job, workflow: dict, stand_in: ProgressServer, work: Path, custom_nodes: bool) -> list[Path]:
     """Every b of the job through one executor: the models load once and stay loaded."""
     comfy_harness.use_private_folders(work)
     input_dir = work / "input"
-    prompt = build_prompt(workflow, DefinitionsOf(), job.settings)
+    prompt = prompt_for(job, workflow, custom_nodes)
     if missing := missing_model_files(prompt):
         raise SystemExit("model files missing:\n  " + "\n  ".join(missing))
     loaders = image_loaders(prompt)
@@ -233,36 +246,37 @@ def run_job(job: Job, workflow: dict, stand_in: ProgressServer, work: Path) -> l
     executor = comfy_harness.make_executor(stand_in)
     written = []
     for index, b in enumerate(job.bs, 1):
-        prompt[loaders["b"]]["inputs"]["image"] = place_image(b, input_dir, f"lorweb_b_{index:05d}")
+        # named after b, not its place in this process' list: the prompt saved in b′ is the same in any process
+        prompt[loaders["b"]]["inputs"]["image"] = place_image(b, input_dir, f"lorweb_b_{b.stem}")
         outputs = execute(executor, stand_in, prompt, f"b {index}/{len(job.bs)} {b.name}")
         written += collect(outputs, prompt, job.out, b.stem)
     return written
 
 
-def job_for(args: argparse.Namespace, settings: RunSettings, share: Share) -> Job:
-    """This process' b images: its share of the sorted list, without the finished ones with --skip-existing."""
-    images = b_images(args.b)
-    mine = share.pick(images)
+def job_for(args: argparse.Namespace, settings: RunSettings, share: Share) -> tuple[Job, int]:
+    """This process' b images: its share of the sorted list, without the finished ones with --skip-existing.
+
+    Returns the job and how many finished images were left out."""
+    mine = share.pick(b_images(args.b))
     todo = not_done(mine, settings, args.out) if args.skip_existing else mine
-    if len(todo) < len(mine):
-        done = len(mine) - len(todo)
-        print(f"{share.label}skipping {done} of {len(mine)} b images: {output_names(mine[0], settings)[0]} etc. exist")
-    return Job(args.a, args.a_prime, todo, settings, args.out)
+    return Job(args.a, args.a_prime, todo, settings, args.out), len(mine) - len(todo)
 
 
 def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     args = parse_args(argv)
     share = Share.from_environment()
-    if not args.demo and not job_for(args, settings_from(args, None), share).bs:
-        print(f"{share.label}nothing to do")  # before the slow ComfyUI start-up
+    if args.b is not None and not job_for(args, settings_from(args, None), share)[0].bs:
+        print(f"{share.label}nothing to do: no b image left for this process")  # said before ComfyUI starts
         return 0
     stand_in = start(args, share)  # models load once per process, in the first b image's run
     demo_files = prepare_demo(args) if args.demo else None
-    job = job_for(args, settings_from(args, demo_files), share)
+    job, skipped = job_for(args, settings_from(args, demo_files), share)
+    if skipped:
+        print(f"{share.label}skipping {skipped} b images whose results are in {args.out} already")
     work = Path(tempfile.mkdtemp(prefix="lorweb-run-"))
     try:
-        written = run_job(job, load_workflow(args.workflow), stand_in, work) if job.bs else []
+        written = run_job(job, load_workflow(args.workflow), stand_in, work, args.custom_nodes) if job.bs else []
     finally:
         shutil.rmtree(work, ignore_errors=True)
     for path in written:
