@@ -89,22 +89,10 @@ def _synchronize() -> None:
 
 
 def start(args) -> None:
-    from run_analogy import load_nodes, start_comfyui
+    import comfy_harness
 
-    start_comfyui(args.comfyui.resolve(), cpu=args.device == "cpu", extra_args=[])
-    import server
-
-    class StandIn:  # what the executor and progress hooks touch of PromptServer
-        client_id = last_node_id = last_prompt_id = None
-        sockets_metadata: dict = {}
-
-        def send_sync(self, *a, **k):
-            pass
-
-        def queue_updated(self):
-            pass
-
-    load_nodes(server, StandIn())
+    comfy_harness.start_comfyui(args.comfyui.resolve(), cpu=args.device == "cpu")
+    comfy_harness.load_nodes(comfy_harness.HeadlessServer(), packs={PACK_DIR: comfy_harness.PACK_NODE})
 
 
 def module_names(double: int, single: int) -> list[str]:

@@ -3,7 +3,7 @@
 No ComfyUI import anywhere in this package; the nodes in ``nodes/`` adapt ComfyUI types to these functions.
 """
 
-from .adjust import adjust_mix, blend_weights, check_weights_fit, is_probability_mix, parse_overrides
+from .adjust import adjust_mix, blend_weights, is_probability_mix, parse_overrides
 from .analogy import (
     Analogy,
     check_analogy_fits,
@@ -17,8 +17,8 @@ from .config import RELEASED_SETTINGS, BasisSettings, resolve_settings
 from .errors import LoRWeBError
 from .export import ExportedLora, export_lora, reduce_rank, write_new_file
 from .flux_map import FluxTarget, flux_target, released_module_names
-from .images import build_grid, clip_pixel_values, crop_result, grid_quadrants, reference_quadrants
-from .mixing import MixWeights, delta_weight, lowrank_factors, mixing_coefficients
+from .images import build_grid, crop_result, grid_quadrants, reference_quadrants
+from .mixing import MixWeights, check_weights_fit, delta_weight, lowrank_factors, mixing_coefficients
 from .patches import ModulePatch, composed_patches, flux_delta, module_targets
 
 __all__ = [
@@ -34,7 +34,6 @@ __all__ = [
     "build_grid",
     "check_analogy_fits",
     "clear_basis_cache",
-    "clip_pixel_values",
     "combine_embeddings",
     "composed_patches",
     "crop_result",

@@ -22,7 +22,6 @@ from types import MappingProxyType
 
 import torch
 
-from .basis import LoraBasis
 from .checks import is_number_in, show
 from .errors import LoRWeBError
 from .mixing import MixWeights
@@ -33,37 +32,6 @@ _OVERRIDE_ITEM = re.compile(r"^\s*(\S+?)\s*=\s*(\S+)\s*$")
 OVERRIDE_EXAMPLE = "e.g. '7=1.0, 3=0.5'"
 MAX_OVERRIDE_CHARS = 4096  # 1024 items of "k=w, "; more is not a hand-written override
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0
-
-
-def check_weights_fit(basis: LoraBasis, weights: MixWeights) -> None:
-    """Refuse weights that were computed for another basis or another set of modules, saying which."""
-    basis_file, weights_file = os.path.basename(basis.path), os.path.basename(weights.basis_path)
-    if tuple(weights.modules) != tuple(basis.modules):
-        missing = [m for m in basis.modules if m not in set(weights.modules)]
-        extra = [m for m in weights.modules if m not in set(basis.modules)]
-        detail = (
-            "; ".join(
-                [f"{len(missing)} of the basis' modules are missing (e.g. {missing[:2]})"] * bool(missing)
-                + [f"{len(extra)} are not in the basis (e.g. {extra[:2]})"] * bool(extra)
-            )
-            or "they are in another order"
-        )
-        raise LoRWeBError(
-            f"these weights cover {len(weights.modules)} modules of {weights_file} but the basis {basis_file} has "
-            f"{len(basis.modules)}: {detail}. Weights only fit the basis they were made with: connect the same "
-            "Load LoRA Basis that fed the Apply node which produced them."
-        )
-    if weights.basis_path != basis.path:
-        raise LoRWeBError(
-            f"these weights were made for the basis {weights_file} ({weights.basis_path}), not for {basis_file} "
-            f"({basis.path}). Weights only fit the basis they were made with: connect that basis."
-        )
-    sizes = {int(weights.coefficients[m].numel()) for m in basis.modules}
-    if sizes != {basis.num_loras}:
-        raise LoRWeBError(
-            f"these weights have {sorted(sizes)} coefficients per layer but the basis {basis_file} has "
-            f"{basis.num_loras} LoRAs; they were made for another version of the file. Re-run the Apply node."
-        )
 
 
 def check_same_basis(first: MixWeights, second: MixWeights) -> None:

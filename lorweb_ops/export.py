@@ -21,11 +21,10 @@ from types import MappingProxyType
 import torch
 from safetensors.torch import save_file
 
-from .adjust import check_weights_fit
 from .basis import LoraBasis
 from .checks import is_number_in, show
 from .errors import LoRWeBError
-from .mixing import MixWeights, lowrank_factors
+from .mixing import MixWeights, check_weights_fit, lowrank_factors
 
 EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LICENCE = (

@@ -12,8 +12,6 @@ from PIL import Image
 
 from .errors import LoRWeBError
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MIN_IMAGE_SIDE = 16  # below this the encoder sees little more than interpolation
 
 
@@ -100,14 +98,6 @@ def clip_resize_crop(image: Image.Image, size: int = 224) -> Image.Image:
     resized = image.convert("RGB").resize(new_size, Image.BICUBIC)
     left, top = (new_size[0] - size) // 2, (new_size[1] - size) // 2
     return resized.crop((left, top, left + size, top + size))
-
-
-def clip_pixel_values(images: list[Image.Image], size: int = 224, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
-    """``[N, 3, size, size]`` normalised pixels, as ``CLIPImageProcessor(size=size, crop_size=size)`` makes them."""
-    batch = clip_batch(images, size)
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 1, 1, 3)
-    std_t = torch.tensor(std, dtype=torch.float32).view(1, 1, 1, 3)
-    return ((batch - mean_t) / std_t).permute(0, 3, 1, 2).contiguous()
 
 
 def clip_batch(images: list[Image.Image], size: int = 224) -> torch.Tensor:

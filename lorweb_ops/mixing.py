@@ -8,6 +8,7 @@ one LoRA of rank K*r with ``up = [B_1^T ... B_K^T]`` and ``down = [c_1 A_1^T; ..
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -107,3 +108,34 @@ class MixWeights:
     def as_matrix(self) -> torch.Tensor:
         """``[modules, K]`` in module order."""
         return torch.stack([self.coefficients[name] for name in self.modules])
+
+
+def check_weights_fit(basis: LoraBasis, weights: MixWeights) -> None:
+    """Refuse weights that were computed for another basis or another set of modules, saying which."""
+    basis_file, weights_file = os.path.basename(basis.path), os.path.basename(weights.basis_path)
+    if tuple(weights.modules) != tuple(basis.modules):
+        missing = [m for m in basis.modules if m not in set(weights.modules)]
+        extra = [m for m in weights.modules if m not in set(basis.modules)]
+        detail = (
+            "; ".join(
+                [f"{len(missing)} of the basis' modules are missing (e.g. {missing[:2]})"] * bool(missing)
+                + [f"{len(extra)} are not in the basis (e.g. {extra[:2]})"] * bool(extra)
+            )
+            or "they are in another order"
+        )
+        raise LoRWeBError(
+            f"these weights cover {len(weights.modules)} modules of {weights_file} but the basis {basis_file} has "
+            f"{len(basis.modules)}: {detail}. Weights only fit the basis they were made with: connect the same "
+            "Load LoRA Basis that fed the Apply node which produced them."
+        )
+    if weights.basis_path != basis.path:
+        raise LoRWeBError(
+            f"these weights were made for the basis {weights_file} ({weights.basis_path}), not for {basis_file} "
+            f"({basis.path}). Weights only fit the basis they were made with: connect that basis."
+        )
+    sizes = {int(weights.coefficients[m].numel()) for m in basis.modules}
+    if sizes != {basis.num_loras}:
+        raise LoRWeBError(
+            f"these weights have {sorted(sizes)} coefficients per layer but the basis {basis_file} has "
+            f"{basis.num_loras} LoRAs; they were made for another version of the file. Re-run the Apply node."
+        )

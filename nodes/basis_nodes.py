@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 from comfy_api.latest import io
 
 from ..lorweb_ops import load_basis
@@ -44,26 +42,23 @@ class LoadBasis(io.ComfyNode):
         # problem to one message. A config name that is not in models/lorweb is refused by ComfyUI's own list check
         # (0.8.0; 0.3.64 does not check V3 combos when queued, so execute names it).
         # A name that arrives through a link is None here; execute checks it.
-        if basis_name is not None and model_folders.resolve_in_folder(basis_name) is None:
+        if basis_name is not None and model_folders.basis_path(basis_name) is None:
             return model_folders.missing_file_message("basis file", basis_name)
         return True
 
     @classmethod
     def fingerprint_inputs(cls, basis_name: str | None = None, config: str | None = None) -> tuple:
-        # Re-run when a file with the same name is replaced on disk.
-        paths = [model_folders.resolve_in_folder(basis_name)] if basis_name else []
-        if config not in (None, model_folders.AUTO_CONFIG):
-            paths.append(model_folders.resolve_in_folder(config))
-        return tuple((p, os.path.getmtime(p), os.path.getsize(p)) for p in paths if p)
+        # Re-run when a file with the same name is replaced on disk, the config found beside the basis included.
+        return tuple(model_folders.file_fingerprint(path) for path in model_folders.files_read(basis_name, config))
 
     @classmethod
     def execute(cls, basis_name: str, config: str) -> io.NodeOutput:
-        path = model_folders.resolve_in_folder(basis_name)
+        path = model_folders.basis_path(basis_name)
         if path is None:
             raise FileNotFoundError(model_folders.missing_file_message("basis file", basis_name))
         config_path = None
         if config != model_folders.AUTO_CONFIG:
-            config_path = model_folders.resolve_in_folder(config)
+            config_path = model_folders.config_path(config)
             if config_path is None:
                 raise FileNotFoundError(model_folders.missing_file_message("config", config))
         basis = load_basis(path, config_path)

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..lorweb_ops import MixWeights
+from ..lorweb_ops import MixWeights, check_weights_fit
 from ..lorweb_ops.adjust import (
     MAX_TEMPERATURE,
     MIN_TEMPERATURE,
     OVERRIDE_EXAMPLE,
     adjust_mix,
     blend_weights,
-    check_weights_fit,
     parse_overrides,
 )
 from ..lorweb_ops.checks import is_number_in, show
-from .apply_nodes import apply_mix, mix_outputs, strength_input, validate_strength
+from .mix_output import apply_mix, mix_outputs, strength_input, validate_strength
 from .types import CATEGORY, Basis, Weights
 
 

@@ -80,9 +80,9 @@ def ensure_demo_files(cache: Path, log: Callable[[str], None] = print) -> None:
             log(f"demo: writing random {folder} weights to {path}")
             path.parent.mkdir(parents=True, exist_ok=True)
             _atomic(path, writers[folder])
-    write_basis_config(cache / "lorweb" / "config.yaml")
+    _atomic(cache / "lorweb" / "config.yaml", write_basis_config)
     write_demo_images(cache / "images")
-    manifest.write_text(json.dumps(_manifest(cache)))
+    _atomic(manifest, lambda path: path.write_text(json.dumps(_manifest(cache))))
 
 
 def _manifest(cache: Path) -> dict:
@@ -94,8 +94,9 @@ def _manifest(cache: Path) -> dict:
 
 
 def _atomic(path: Path, writer: Callable[[Path], None]) -> None:
-    # A half-written file from an interrupted run must never look like a finished one.
-    partial = path.with_suffix(".partial")
+    # A half-written file from an interrupted run must never look like a finished one. The temporary name is the
+    # process' own: processes of one torchrun / accelerate launch may write the same demo file at the same time.
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
     writer(partial)
     os.replace(partial, path)
 
@@ -284,5 +285,5 @@ def write_demo_images(folder: Path) -> dict[str, Path]:
     for role, (kind, colour) in shapes.items():
         paths[role] = folder / IMAGES[role]
         if not paths[role].is_file():
-            demo_shape(kind, colour).save(paths[role])
+            _atomic(paths[role], lambda path, kind=kind, colour=colour: demo_shape(kind, colour).save(path, "PNG"))
     return paths

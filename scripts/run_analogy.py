@@ -10,23 +10,23 @@ b may be one image or a folder (every image in it is edited; models stay loaded 
 
     python custom_nodes/comfyui-lorweb/scripts/run_analogy.py --demo --out /tmp/lorweb-demo
 
+    torchrun --nproc_per_node 4 custom_nodes/comfyui-lorweb/scripts/run_analogy.py ... --b photos/ --skip-existing
+
 ``--demo`` writes small random weights of every kind the graph needs (no downloads) to a cache folder and runs the
 same kind of graph on the CPU at 128x128 in 4 steps: a check that the install works, not a picture.
 ComfyUI's own input, output and model folders are never written: images go through a private temporary folder.
+Launched by ``torchrun`` or ``accelerate launch``, the processes split the b images between them (runner_jobs.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import importlib
+import os
 import shlex
 import shutil
 import sys
 import tempfile
 import time
-import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 
 SCRIPTS = Path(__file__).absolute().parent
@@ -34,11 +34,13 @@ PACK_DIR = SCRIPTS.parent
 if str(SCRIPTS) not in sys.path:
     sys.path.insert(0, str(SCRIPTS))
 
-from lorweb_workflow import MODE_BYPASS, load_workflow, node_definition, ui_to_api  # noqa: E402
+import comfy_harness  # noqa: E402
+from lorweb_workflow import load_workflow  # noqa: E402
+from runner_jobs import Job, Share, b_images, collect, not_done, place_image  # noqa: E402
+from runner_progress import ProgressServer  # noqa: E402
+from runner_prompt import DefinitionsOf, RunSettings, build_prompt, image_loaders, missing_model_files  # noqa: E402
 
 WORKFLOW = PACK_DIR / "example_workflows" / "lorweb_analogy_flux_kontext.json"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
-CHART_NODE, GRID_NODE = "lorweb_chart", "lorweb_grid"
 DEMO_PROMPT = "Make it blue."
 DEMO_STEPS = 4
 
@@ -85,6 +87,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--demo-cache", type=Path, help="folder for the demo weights (default ~/.cache/lorweb-demo)")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU (automatic without a GPU and in --demo)")
     parser.add_argument("--comfy-args", default="", help="more ComfyUI command-line options, e.g. '--lowvram'")
+    parser.add_argument(
+        "--custom-nodes",
+        action="store_true",
+        help="also load the custom node packs installed in that ComfyUI (e.g. ComfyUI-GGUF for UnetLoaderGGUF)",
+    )
+    parser.add_argument(
+        "--skip-existing",
+        action="store_true",
+        help="leave out b images whose results are already in --out (to pick up a stopped run)",
+    )
     args = parser.parse_args(argv)
     if not args.demo:
         missing = [name for name in ("a", "a_prime", "b", "prompt") if getattr(args, name) is None]
@@ -109,358 +121,7 @@ def default_comfyui() -> Path | None:
     return None
 
 
-def b_images(b: Path) -> list[Path]:
-    if b.is_dir():
-        images = sorted(p for p in b.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        if not images:
-            raise SystemExit(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {b}")
-        return images
-    if not b.is_file():
-        raise SystemExit(f"b: {b} is not a file or folder")
-    return [b]
-
-
-# ----------------------------------------------------------------------------------------- ComfyUI in-process
-
-
-def wants_cpu(args: argparse.Namespace) -> bool:
-    if args.cpu or args.demo:
-        return True
-    import torch
-
-    mps = getattr(torch.backends, "mps", None)
-    xpu = getattr(torch, "xpu", None)
-    has_gpu = torch.cuda.is_available() or bool(mps and mps.is_available()) or bool(xpu and xpu.is_available())
-    return not has_gpu
-
-
-def start_comfyui(root: Path, cpu: bool, extra_args: list[str]):
-    """Import ComfyUI from ``root`` with its command line parsed; returns its ``server`` module."""
-    if not (root / "main.py").is_file() or not (root / "comfy").is_dir():
-        raise SystemExit(f"{root} is not a ComfyUI folder (no main.py / comfy/); pass --comfyui")
-    sys.path.insert(0, str(root))
-    saved_argv = sys.argv
-    sys.argv = ["main.py", *(["--cpu"] if cpu else []), *extra_args]
-    try:
-        import comfy.options
-
-        comfy.options.enable_args_parsing()
-        # Order matters: arguments (--cpu) are parsed before comfy.model_management loads, and utils/ is imported
-        # before nodes.py puts comfy/ first on sys.path (where comfy/utils.py would shadow the utils package).
-        for module in ("comfy.cli_args", "utils.extra_config", "utils.install_util"):
-            importlib.import_module(module)
-        return importlib.import_module("server")
-    finally:
-        sys.argv = saved_argv
-
-
-def apply_model_paths(root: Path) -> None:
-    """extra_model_paths.yaml beside main.py and --extra-model-paths-config, as main.py applies them."""
-    import itertools
-
-    import utils.extra_config
-    from comfy.cli_args import args
-
-    configs = [root / "extra_model_paths.yaml"] if (root / "extra_model_paths.yaml").is_file() else []
-    configs += [Path(p) for p in itertools.chain(*(args.extra_model_paths_config or []))]
-    for config in configs:
-        utils.extra_config.load_extra_path_config(str(config))
-
-
-def use_private_folders(work: Path) -> None:
-    """LoadImage reads, SaveImage / PreviewImage write here: ComfyUI's own folders stay untouched."""
-    import folder_paths
-
-    for name, setter in (
-        ("input", folder_paths.set_input_directory),
-        ("output", folder_paths.set_output_directory),
-        ("temp", folder_paths.set_temp_directory),
-    ):
-        (work / name).mkdir(parents=True, exist_ok=True)
-        setter(str(work / name))
-
-
-def load_nodes(server_module, stand_in) -> None:
-    """ComfyUI's built-in nodes, then this pack (other custom node packs are not needed and not loaded)."""
-    import nodes
-
-    server_module.PromptServer.instance = stand_in
-    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
-    if not asyncio.run(nodes.load_custom_node(str(PACK_DIR))) or "LoRWeB_LoadBasis" not in nodes.NODE_CLASS_MAPPINGS:
-        raise SystemExit(f"the LoRWeB pack in {PACK_DIR} did not load into ComfyUI (see the messages above)")
-
-
-def make_executor(stand_in):
-    import inspect
-
-    import execution
-
-    cache = execution.CacheType.CLASSIC
-    if "cache_args" in inspect.signature(execution.PromptExecutor).parameters:  # 0.8.0
-        return execution.PromptExecutor(stand_in, cache_type=cache, cache_args={"lru": 0, "ram": 0})
-    return execution.PromptExecutor(stand_in, cache_type=cache)
-
-
-class DefinitionsOf:
-    """``/object_info``-shaped node definitions of the ComfyUI running in this process, built on demand."""
-
-    def __init__(self):
-        import nodes
-
-        self.classes = nodes.NODE_CLASS_MAPPINGS
-
-    def __contains__(self, node_type: object) -> bool:
-        return node_type in self.classes
-
-    def __getitem__(self, node_type: str) -> dict:
-        return node_definition(self.classes[node_type])
-
-
-# ------------------------------------------------------------------------------------------------ progress
-
-
-class ProgressServer:
-    """Stand-in for ComfyUI's PromptServer: turns the executor's messages into tqdm bars."""
-
-    client_id = "lorweb-runner"
-    last_node_id = None
-    last_prompt_id = None
-
-    def __init__(self):
-        self.sockets_metadata = {}
-        self.prompt: dict = {}
-        self.nodes_bar = None
-        self.steps_bar = None
-
-    def start(self, prompt: dict, label: str) -> None:
-        from tqdm import tqdm
-
-        self.prompt = prompt
-        self.nodes_bar = tqdm(total=len(prompt), desc=label, unit="node", dynamic_ncols=True)
-
-    def finish(self) -> None:
-        self._close_steps()
-        if self.nodes_bar is not None:
-            self.nodes_bar.update(self.nodes_bar.total - self.nodes_bar.n)
-            self.nodes_bar.close()
-            self.nodes_bar = None
-
-    def send_sync(self, event, data, sid=None) -> None:
-        if self.nodes_bar is None or not isinstance(data, dict):
-            return
-        if event == "execution_cached":
-            self.nodes_bar.update(len(data.get("nodes") or []))
-        elif event == "executing" and data.get("node") is not None:
-            self._close_steps()
-            self.nodes_bar.update(1)
-            self.nodes_bar.set_postfix_str(self.prompt.get(data["node"], {}).get("class_type", str(data["node"])))
-
-    def step(self, value, total, preview_image=None, prompt_id=None, node_id=None) -> None:
-        """ComfyUI's progress hook (sampler steps and other ProgressBar users)."""
-        from tqdm import tqdm
-
-        if self.steps_bar is None or self.steps_bar.total != total:
-            self._close_steps()
-            self.steps_bar = tqdm(total=total, desc="  steps", unit="step", leave=False, dynamic_ncols=True)
-        self.steps_bar.update(value - self.steps_bar.n)
-
-    def _close_steps(self) -> None:
-        if self.steps_bar is not None:
-            self.steps_bar.close()
-            self.steps_bar = None
-
-    def queue_updated(self) -> None:
-        pass
-
-
-# ------------------------------------------------------------------------------------------------ the graph
-
-
-@dataclass
-class RunSettings:
-    """Everything the runner sets in the graph (None: keep the workflow's value)."""
-
-    prompt: str | None = None
-    seed: int | None = None
-    steps: int | None = None
-    reverse: bool = False
-    models: dict[str, str | None] = field(default_factory=dict)
-    demo_text_encoder: str | None = None  # demo: CLIPLoader (sd3) with this CLIP-L instead of DualCLIPLoader
-    bypass_kontext_scale: bool = False  # demo: keep the small grid (the scale node goes to ~1 megapixel)
-    save_grid: bool = False
-    save_chart: bool = False
-
-
-def unique_node(prompt: dict, class_type: str) -> str:
-    found = [node_id for node_id, node in prompt.items() if node["class_type"] == class_type]
-    if len(found) != 1:
-        raise SystemExit(f"the workflow needs exactly one {class_type} node, it has {len(found)}")
-    return found[0]
-
-
-def linked_node(prompt: dict, node_id: str, input_name: str) -> str:
-    value = prompt[node_id]["inputs"].get(input_name)
-    if not isinstance(value, list):
-        raise SystemExit(f"{prompt[node_id]['class_type']}.{input_name} is not connected in the workflow")
-    return value[0]
-
-
-def image_loaders(prompt: dict) -> dict[str, str]:
-    """The LoadImage node of a, a′ and b: the ones feeding the Analogy Grid."""
-    grid = unique_node(prompt, "LoRWeB_AnalogyGrid")
-    loaders = {role: linked_node(prompt, grid, role) for role in ("a", "a_prime", "b")}
-    for role, node_id in loaders.items():
-        if prompt[node_id]["class_type"] != "LoadImage":
-            raise SystemExit(f"the Analogy Grid's {role} must come from a LoadImage node")
-    return loaders
-
-
-def build_prompt(workflow: dict, definitions, settings: RunSettings) -> dict:
-    """The API prompt of the workflow with the settings applied."""
-    if settings.bypass_kontext_scale:
-        for node in workflow["nodes"]:
-            if node["type"] == "FluxKontextImageScale":
-                node["mode"] = MODE_BYPASS
-    prompt = ui_to_api(workflow, definitions)
-    _set_values(prompt, settings)
-    _set_outputs(prompt, settings)
-    return prompt
-
-
-def _set_values(prompt: dict, settings: RunSettings) -> None:
-    targets = {
-        ("UNETLoader", "unet_name"): settings.models.get("unet"),
-        ("DualCLIPLoader", "clip_name1"): settings.models.get("clip_l"),
-        ("DualCLIPLoader", "clip_name2"): settings.models.get("t5"),
-        ("VAELoader", "vae_name"): settings.models.get("vae"),
-        ("CLIPVisionLoader", "clip_name"): settings.models.get("clip_vision"),
-        ("LoRWeB_LoadBasis", "basis_name"): settings.models.get("basis"),
-        ("LoRWeB_LoadBasis", "config"): settings.models.get("basis_config"),
-        ("CLIPTextEncode", "text"): settings.prompt,
-        ("KSampler", "seed"): settings.seed,
-        ("KSampler", "steps"): settings.steps,
-        ("LoRWeB_AnalogyGrid", "reverse"): settings.reverse or None,
-        ("LoRWeB_EncodeAnalogy", "reverse"): settings.reverse or None,
-    }
-    for (class_type, name), value in targets.items():
-        if value is not None:
-            prompt[unique_node(prompt, class_type)]["inputs"][name] = value
-    if settings.demo_text_encoder:
-        clip = unique_node(prompt, "DualCLIPLoader")
-        prompt[clip] = {
-            "class_type": "CLIPLoader",
-            "inputs": {"clip_name": settings.demo_text_encoder, "type": "sd3", "device": "default"},
-        }
-
-
-def _set_outputs(prompt: dict, settings: RunSettings) -> None:
-    """b′ via the workflow's SaveImage; the chart and the whole generated grid only when asked for."""
-    save = unique_node(prompt, "SaveImage")
-    prompt[save]["inputs"]["filename_prefix"] = "lorweb_b_prime"
-    apply = unique_node(prompt, "LoRWeB_ApplyBasis")
-    for node_id in [n for n, node in prompt.items() if node["class_type"] == "PreviewImage"]:
-        del prompt[node_id]  # the workflow's chart preview; re-added below under a known id when wanted
-    if settings.save_chart:
-        prompt[CHART_NODE] = {
-            "class_type": "SaveImage",
-            "inputs": {"images": [apply, 2], "filename_prefix": "lorweb_chart"},
-        }
-    if settings.save_grid:
-        decoded = linked_node(prompt, unique_node(prompt, "LoRWeB_CropResult"), "image")
-        prompt[GRID_NODE] = {
-            "class_type": "SaveImage",
-            "inputs": {"images": [decoded, 0], "filename_prefix": "lorweb_grid"},
-        }
-
-
 # ------------------------------------------------------------------------------------------------ running
-
-
-def place_image(source: Path, input_dir: Path, name: str) -> str:
-    """Copy an image into the (private) input folder; LoadImage takes it by file name."""
-    target = input_dir / (name + source.suffix.lower())
-    shutil.copyfile(source, target)
-    return target.name
-
-
-def execute(executor, stand_in: ProgressServer, prompt: dict, label: str) -> dict:
-    """Validate and run one prompt; returns the outputs' UI data. Exits with ComfyUI's message on failure."""
-    import execution
-
-    prompt_id = str(uuid.uuid4())
-    valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
-    if not valid:
-        raise SystemExit("ComfyUI refused the workflow: " + describe_errors(prompt, error, node_errors))
-    stand_in.start(prompt, label)
-    try:
-        executor.execute(prompt, prompt_id, extra_data={"client_id": stand_in.client_id}, execute_outputs=outputs)
-    finally:
-        stand_in.finish()
-    if not executor.success:
-        errors = [data for event, data in executor.status_messages if event == "execution_error"]
-        detail = errors[0] if errors else {}
-        raise SystemExit(f"{detail.get('node_type', 'a node')} failed: {detail.get('exception_message', errors)}")
-    return executor.history_result.get("outputs", {})
-
-
-def describe_errors(prompt: dict, error: dict, node_errors: dict) -> str:
-    lines = [error.get("message", str(error)) if isinstance(error, dict) else str(error)]
-    for node_id, problem in (node_errors or {}).items():
-        for item in problem.get("errors", []):
-            lines.append(
-                f"  {prompt.get(node_id, {}).get('class_type', node_id)}: {item.get('message')}: {item.get('details')}"
-            )
-    return "\n".join(lines)
-
-
-def output_file(outputs: dict, node_id: str) -> Path:
-    import folder_paths
-
-    image = outputs[node_id]["images"][0]
-    folder = folder_paths.get_directory_by_type(image.get("type", "output"))
-    return Path(folder) / image.get("subfolder", "") / image["filename"]
-
-
-def collect(outputs: dict, prompt: dict, out_dir: Path, stem: str) -> list[Path]:
-    """Move b′ (and the grid / chart) from the private output folder to ``out_dir``."""
-    save = next(
-        node_id
-        for node_id, node in prompt.items()
-        if node["class_type"] == "SaveImage" and node["inputs"].get("filename_prefix") == "lorweb_b_prime"
-    )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for node_id, suffix in ((save, "b_prime"), (GRID_NODE, "grid"), (CHART_NODE, "chart")):
-        if outputs.get(node_id, {}).get("images"):
-            target = out_dir / f"{stem}_{suffix}.png"
-            shutil.move(output_file(outputs, node_id), target)
-            written.append(target)
-    return written
-
-
-@dataclass
-class Job:
-    a: Path
-    a_prime: Path
-    bs: list[Path]
-    settings: RunSettings
-    out: Path
-
-
-def run_jobs(job: Job, workflow: dict, executor, stand_in: ProgressServer, work: Path) -> list[Path]:
-    import folder_paths
-
-    input_dir = Path(folder_paths.get_input_directory())
-    prompt = build_prompt(workflow, DefinitionsOf(), job.settings)
-    loaders = image_loaders(prompt)
-    prompt[loaders["a"]]["inputs"]["image"] = place_image(job.a, input_dir, "lorweb_a")
-    prompt[loaders["a_prime"]]["inputs"]["image"] = place_image(job.a_prime, input_dir, "lorweb_a_prime")
-    written = []
-    for index, b in enumerate(job.bs, 1):
-        prompt[loaders["b"]]["inputs"]["image"] = place_image(b, input_dir, f"lorweb_b_{index:05d}")
-        outputs = execute(executor, stand_in, prompt, f"b {index}/{len(job.bs)} {b.name}")
-        written += collect(outputs, prompt, job.out, b.stem)
-    return written
 
 
 def settings_from(args: argparse.Namespace, demo_files: dict[str, str] | None) -> RunSettings:
@@ -514,32 +175,113 @@ def peak_memory_text() -> str:
     return f", peak memory {peak_kib * scale / 1024**2:.1f} GiB"
 
 
-def main(argv: list[str] | None = None) -> int:
-    started = time.monotonic()
-    args = parse_args(argv)
+def use_own_gpu(share: Share) -> None:
+    """One GPU per process when launched by torchrun / accelerate: LOCAL_RANK picks it among the visible ones."""
+    if share.world_size == 1:
+        return
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    devices = visible.split(",") if visible else [str(index) for index in range(share.local_rank + 1)]
+    if share.local_rank >= len(devices):
+        raise SystemExit(f"LOCAL_RANK={share.local_rank} but only {len(devices)} GPUs are visible ({visible})")
+    os.environ["CUDA_VISIBLE_DEVICES"] = devices[share.local_rank]  # before torch looks at the GPUs
+
+
+def start(args: argparse.Namespace, share: Share):
+    """ComfyUI in this process with its nodes; returns the progress stand-in."""
     root = args.comfyui or default_comfyui()
     if root is None:
         raise SystemExit("this pack is not inside ComfyUI/custom_nodes: pass --comfyui <ComfyUI folder>")
     root = root.expanduser().absolute()
-    server_module = start_comfyui(root, wants_cpu(args), shlex.split(args.comfy_args))
-    apply_model_paths(root)
+    cpu = args.cpu or args.demo
+    if not cpu:
+        use_own_gpu(share)
+    try:
+        comfy_harness.start_comfyui(root, cpu=comfy_harness.wants_cpu(cpu), extra_args=shlex.split(args.comfy_args))
+        comfy_harness.apply_model_paths(root)
+        stand_in = ProgressServer(share.label)
+        # with --custom-nodes the pack normally loads from ComfyUI's custom_nodes; this checkout only when it did not
+        comfy_harness.load_nodes(stand_in, custom_nodes=args.custom_nodes, packs={PACK_DIR: comfy_harness.PACK_NODE})
+    except comfy_harness.HarnessError as error:
+        raise SystemExit(f"--comfyui: {error}" if "ComfyUI folder" in str(error) else str(error)) from None
+    comfy_harness.hook_progress(stand_in)
+    return stand_in
+
+
+def execute(executor, stand_in: ProgressServer, prompt: dict, label: str) -> dict:
+    """Validate and run one prompt; returns the outputs' UI data. Exits with ComfyUI's message on failure."""
+    stand_in.start(prompt, label)
+    try:
+        return comfy_harness.run_prompt(executor, prompt, extra_data={"client_id": stand_in.client_id})
+    except comfy_harness.PromptRejected as rejected:
+        raise SystemExit("ComfyUI refused the workflow: " + rejected.describe(prompt)) from None
+    except comfy_harness.ExecutionFailed as failure:
+        raise SystemExit(f"{failure.node_type} failed: {failure}") from None
+    finally:
+        stand_in.finish()
+
+
+def prompt_for(job: Job, workflow: dict, custom_nodes: bool) -> dict:
+    """The API prompt of the job; a node type this ComfyUI did not load is named with what to do about it."""
+    try:
+        return build_prompt(workflow, DefinitionsOf(), job.settings)
+    except KeyError as error:
+        fix = (
+            "install the node pack that provides it into ComfyUI's custom_nodes folder"
+            if custom_nodes
+            else "pass --custom-nodes to load the node packs installed in ComfyUI (e.g. ComfyUI-GGUF)"
+        )
+        raise SystemExit(f"--workflow: {error.args[0]}: {fix}") from None
+
+
+def run_job(job: Job, workflow: dict, stand_in: ProgressServer, work: Path, custom_nodes: bool) -> list[Path]:
+    """Every b of the job through one executor: the models load once and stay loaded."""
+    comfy_harness.use_private_folders(work)
+    input_dir = work / "input"
+    prompt = prompt_for(job, workflow, custom_nodes)
+    if missing := missing_model_files(prompt):
+        raise SystemExit("model files missing:\n  " + "\n  ".join(missing))
+    loaders = image_loaders(prompt)
+    prompt[loaders["a"]]["inputs"]["image"] = place_image(job.a, input_dir, "lorweb_a")
+    prompt[loaders["a_prime"]]["inputs"]["image"] = place_image(job.a_prime, input_dir, "lorweb_a_prime")
+    executor = comfy_harness.make_executor(stand_in)
+    written = []
+    for index, b in enumerate(job.bs, 1):
+        # named after b, not its place in this process' list: the prompt saved in b′ is the same in any process
+        prompt[loaders["b"]]["inputs"]["image"] = place_image(b, input_dir, f"lorweb_b_{b.stem}")
+        outputs = execute(executor, stand_in, prompt, f"b {index}/{len(job.bs)} {b.name}")
+        written += collect(outputs, prompt, job.out, b.stem)
+    return written
+
+
+def job_for(args: argparse.Namespace, settings: RunSettings, share: Share) -> tuple[Job, int]:
+    """This process' b images: its share of the sorted list, without the finished ones with --skip-existing.
+
+    Returns the job and how many finished images were left out."""
+    mine = share.pick(b_images(args.b))
+    todo = not_done(mine, settings, args.out) if args.skip_existing else mine
+    return Job(args.a, args.a_prime, todo, settings, args.out), len(mine) - len(todo)
+
+
+def main(argv: list[str] | None = None) -> int:
+    started = time.monotonic()
+    args = parse_args(argv)
+    share = Share.from_environment()
+    if args.b is not None and not job_for(args, settings_from(args, None), share)[0].bs:
+        print(f"{share.label}nothing to do: no b image left for this process")  # said before ComfyUI starts
+        return 0
+    stand_in = start(args, share)  # models load once per process, in the first b image's run
+    demo_files = prepare_demo(args) if args.demo else None
+    job, skipped = job_for(args, settings_from(args, demo_files), share)
+    if skipped:
+        print(f"{share.label}skipping {skipped} b images whose results are in {args.out} already")
     work = Path(tempfile.mkdtemp(prefix="lorweb-run-"))
     try:
-        use_private_folders(work)
-        stand_in = ProgressServer()
-        load_nodes(server_module, stand_in)
-        import comfy.utils
-
-        comfy.utils.set_progress_bar_enabled(False)  # the sampler's own bar; ours shows the steps instead
-        comfy.utils.set_progress_bar_global_hook(stand_in.step)
-        demo_files = prepare_demo(args) if args.demo else None
-        job = Job(args.a, args.a_prime, b_images(args.b), settings_from(args, demo_files), args.out)
-        written = run_jobs(job, load_workflow(args.workflow), make_executor(stand_in), stand_in, work)
+        written = run_job(job, load_workflow(args.workflow), stand_in, work, args.custom_nodes) if job.bs else []
     finally:
         shutil.rmtree(work, ignore_errors=True)
     for path in written:
-        print(f"wrote {path}")
-    print(f"done in {time.monotonic() - started:.0f} s{peak_memory_text()}")
+        print(f"{share.label}wrote {path}")
+    print(f"{share.label}done in {time.monotonic() - started:.0f} s{peak_memory_text()}")
     return 0
 
 

@@ -89,3 +89,19 @@ def write_ai_toolkit_config(path: os.PathLike, **network_kwargs) -> Path:
     }
     Path(path).write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
     return Path(path)
+
+
+#: CLIPImageProcessor's normalisation of openai/clip-vit-large-patch14 (ComfyUI's CLIP vision applies the same)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def clip_pixel_values(images: list, size: int = 224, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
+    """``[N, 3, size, size]`` normalised pixels, as ``CLIPImageProcessor(size=size, crop_size=size)`` makes them
+    (the reference's encoder input, to compare the pack's resize and crop with the golden numbers)."""
+    from lorweb_ops.images import clip_batch
+
+    batch = clip_batch(images, size)
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 1, 1, 3)
+    std_t = torch.tensor(std, dtype=torch.float32).view(1, 1, 1, 3)
+    return ((batch - mean_t) / std_t).permute(0, 3, 1, 2).contiguous()

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from lorweb_testing import GOLDEN, golden_tensors
+from lorweb_testing import CLIP_MEAN, CLIP_STD, GOLDEN, clip_pixel_values, golden_tensors
 from PIL import Image
 
 import lorweb_ops
-from lorweb_ops.images import CLIP_MEAN, CLIP_STD, clip_pixel_values, from_pil, single_image, to_pil
+from lorweb_ops.images import from_pil, single_image, to_pil
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,7 @@
 
 from __future__ import annotations
 
-import asyncio
-import importlib
-import sys
+import shutil
 from pathlib import Path
 
 import pytest
@@ -25,8 +23,14 @@ from comfy_host import (
     REPO_ROOT,
     SUPPORT_LINK_NAME,
     ComfyHost,
+    comfy_harness,
     inside_comfyui_python,
 )
+from host_graphs import GOLDEN_FLUX
+from lorweb_testing import GOLDEN, GOLDEN_CKPT, GOLDEN_VARIANTS, golden_tensors, write_ai_toolkit_config
+from PIL import Image
+
+import lorweb_ops
 
 
 def pytest_collection_modifyitems(config, items):
@@ -74,25 +78,35 @@ def host(tmp_path_factory) -> ComfyHost:
     folders = ("models/lorweb", "models/clip_vision", "models/loras", "models/diffusion_models", "input", "output")
     for folder in (*folders, "temp", "user"):
         (base / folder).mkdir(parents=True, exist_ok=True)
-    sys.path.insert(0, str(root))
-    saved_argv = sys.argv
-    sys.argv = ["main.py", "--cpu", "--base-directory", str(base)]
     try:
-        import comfy.options
-
-        comfy.options.enable_args_parsing()
-        # Order matters: args are parsed (--cpu) before model_management loads, and utils/ is imported before
-        # nodes.py puts comfy/ first on sys.path (where comfy/utils.py would shadow it).
-        for module in ("comfy.cli_args", "utils.extra_config", "utils.install_util"):
-            importlib.import_module(module)
-        server = importlib.import_module("server")
-    finally:
-        sys.argv = saved_argv
-    host = ComfyHost(base)
-    server.PromptServer.instance = host.server
-    asyncio.run(host.nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
-    loaded = host.nodes.NODE_CLASS_MAPPINGS
+        comfy_harness.start_comfyui(root, cpu=True, base_directory=base)
+        host = ComfyHost(base)
+        # the custom_nodes folder of the base holds just the two links: the pack as a user installs it, and support
+        comfy_harness.load_nodes(host.server, custom_nodes=True)
+    except comfy_harness.HarnessError as error:
+        pytest.fail(str(error))
     for node_id in ("LoRWeB_LoadBasis", "LoRWeBTest_TinyFluxLoader"):
-        if node_id not in loaded:
+        if node_id not in host.nodes.NODE_CLASS_MAPPINGS:
             pytest.fail(f"{node_id} did not load into ComfyUI; see the import error in the log above")
     return host
+
+
+@pytest.fixture(scope="module")
+def golden():
+    return golden_tensors()
+
+
+@pytest.fixture(scope="module")
+def files(host):
+    """The golden basis with one config yaml per variant, a tiny Flux, and the golden analogy's images."""
+    lorweb = host.models / "lorweb"
+    shutil.copy(GOLDEN_CKPT, lorweb / "golden.safetensors")
+    for name, kwargs in GOLDEN_VARIANTS.items():
+        write_ai_toolkit_config(lorweb / f"{name}.yaml", **kwargs)
+    flux_path = host.base / "tiny_flux.safetensors"
+    original = host.support().write_tiny_flux(str(flux_path), **GOLDEN_FLUX)
+    tiles = lorweb_ops.grid_quadrants(Image.open(GOLDEN / "grid_square.png").convert("RGB"))
+    for name, tile in tiles.items():
+        tile.save(host.input / f"{name}.png")
+    Image.new("RGB", (8, 8), "white").save(host.input / "tiny.png")
+    return {"flux": str(flux_path), "original": original}

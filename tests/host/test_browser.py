@@ -10,9 +10,9 @@ import pytest
 from browser import find_chromium, open_page
 from comfy_host import HOST_DIR, SUPPORT_LINK_NAME
 from comfy_server import make_base, post_json, running_server
+from host_graphs import GOLDEN_FLUX
 from lorweb_testing import GOLDEN_CKPT, GOLDEN_TENSORS, write_safetensors
 from safetensors.torch import load_file
-from test_nodes_in_comfyui import GOLDEN_FLUX
 
 CHROMIUM = find_chromium()
 pytestmark = pytest.mark.skipif(

@@ -6,8 +6,8 @@ from __future__ import annotations
 import gc
 
 import torch
+from host_graphs import golden_analogy, graph
 from lorweb_testing import GOLDEN_TENSORS
-from test_nodes_in_comfyui import files, golden_analogy, graph  # noqa: F401  (files is a fixture)
 
 RUNS = 200
 WARM_UP = 20
@@ -19,7 +19,7 @@ def analogy_for(run: int) -> dict:
     return node
 
 
-def test_two_hundred_alternating_analogies(host, files):  # noqa: F811
+def test_two_hundred_alternating_analogies(host, files):
     import comfy.model_management
     import psutil  # a ComfyUI requirement
 

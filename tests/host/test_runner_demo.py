@@ -1,34 +1,79 @@
-"""``scripts/run_analogy.py --demo`` end to end: random weights, the example workflow, ComfyUI's executor, b′ on disk.
+"""``scripts/run_analogy.py`` end to end: random weights, the example workflow, ComfyUI's executor, b′ on disk.
 
-The demo weights (~2 GB of random files) go to a pytest temporary folder unless LORWEB_DEMO_CACHE names a folder to
-reuse between runs.
+The demo weights (~2 GB of random files) are written once per module to a pytest temporary folder, unless
+LORWEB_DEMO_CACHE names a folder to reuse between runs. Besides the single run: two processes launched by torchrun
+(the b images split between them), --skip-existing, and a GGUF diffusion model through city96's UnetLoaderGGUF with
+--custom-nodes.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
 from comfy_host import COMFYUI_PYTHON, COMFYUI_ROOT, REPO_ROOT
-from PIL import Image
+from PIL import Image, ImageDraw
 
 RUNNER = REPO_ROOT / "scripts" / "run_analogy.py"
+WORKFLOW = REPO_ROOT / "example_workflows" / "lorweb_analogy_flux_kontext.json"
 DEMO_TILE = 64  # the demo's a, a′, b are 64 x 64: the Kontext grid is 128 x 128
-TIMEOUT_SECONDS = 900
+TIMEOUT_SECONDS = 1200
+# One thread in every process, as torchrun sets it: CPU sums then add up in the same order in one process and in two.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
-def _run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    command = [COMFYUI_PYTHON or sys.executable, str(RUNNER), "--comfyui", COMFYUI_ROOT, *args]
-    return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT_SECONDS)
+def _run(cwd: Path, *args: str, launcher: tuple[str, ...] = (), env: dict | None = None) -> subprocess.CompletedProcess:
+    command = [COMFYUI_PYTHON or sys.executable, *launcher, str(RUNNER), "--comfyui", COMFYUI_ROOT, *args]
+    return subprocess.run(
+        command, cwd=cwd, capture_output=True, text=True, timeout=TIMEOUT_SECONDS, env={**os.environ, **(env or {})}
+    )
 
 
-def test_demo_writes_b_prime_grid_and_chart(tmp_path):
-    cache = os.environ.get("LORWEB_DEMO_CACHE") or str(tmp_path / "demo-cache")
-    out = tmp_path / "out"
-    result = _run(tmp_path, "--demo", "--demo-cache", cache, "--out", str(out), "--save-grid", "--save-chart")
+def _ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-10000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def demo_cache(tmp_path_factory) -> str:
+    return os.environ.get("LORWEB_DEMO_CACHE") or str(tmp_path_factory.mktemp("demo-cache"))
+
+
+@pytest.fixture(scope="module")
+def b_folder(tmp_path_factory) -> Path:
+    """Three b images (a red square, a green triangle, a yellow ring)."""
+    folder = tmp_path_factory.mktemp("bs")
+    for name, draw in (
+        ("b1_square", lambda d: d.rectangle((12, 12, 52, 52), fill="red")),
+        ("b2_triangle", lambda d: d.polygon([(32, 8), (56, 56), (8, 56)], fill="green")),
+        ("b3_ring", lambda d: d.ellipse((10, 10, 54, 54), outline="yellow", width=8)),
+    ):
+        image = Image.new("RGB", (DEMO_TILE, DEMO_TILE), "white")
+        draw(ImageDraw.Draw(image))
+        image.save(folder / f"{name}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, demo_cache, b_folder) -> Path:
+    """The three b images edited by one process (the reference for the split runs)."""
+    out = tmp_path_factory.mktemp("one-process")
+    _ok(_run(out, "--demo", "--demo-cache", demo_cache, "--b", str(b_folder), "--out", str(out), env=ONE_THREAD))
+    return out
+
+
+def _pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+def test_demo_writes_b_prime_grid_and_chart(tmp_path, demo_cache):
+    out = tmp_path / "out"
+    result = _ok(_run(tmp_path, "--demo", "--demo-cache", demo_cache, "--out", str(out), "--save-grid", "--save-chart"))
 
     b_prime = Image.open(out / "demo_b_b_prime.png")
     assert b_prime.format == "PNG" and b_prime.size == (DEMO_TILE, DEMO_TILE)
@@ -40,8 +85,101 @@ def test_demo_writes_b_prime_grid_and_chart(tmp_path):
         assert not list(Path(COMFYUI_ROOT, folder).glob("lorweb_*")), folder
 
 
-def test_the_real_graph_without_model_files_is_refused_naming_each_file(tmp_path):
-    """The non-demo path (DualCLIPLoader, FluxKontextImageScale) converts and reaches ComfyUI's validation."""
+def test_two_processes_under_torchrun_write_the_files_one_process_writes(tmp_path, demo_cache, b_folder, one_process):
+    out = tmp_path / "out"
+    torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+    args = ("--demo", "--demo-cache", demo_cache, "--b", str(b_folder), "--out", str(out))
+    result = _ok(_run(tmp_path, *args, launcher=torchrun, env=ONE_THREAD))
+
+    expected = sorted(p.name for p in one_process.iterdir())
+    assert expected == ["b1_square_b_prime.png", "b2_triangle_b_prime.png", "b3_ring_b_prime.png"]
+    assert sorted(p.name for p in out.iterdir()) == expected
+    for name in expected:
+        assert np.array_equal(_pixels(out / name), _pixels(one_process / name)), name
+        assert (out / name).read_bytes() == (one_process / name).read_bytes(), name  # the saved prompt too
+    # the sorted list split as [rank::2]: b1 and b3 in rank 0, b2 in rank 1
+    wrote = [line for line in result.stdout.splitlines() if " wrote " in line]
+    assert sorted(wrote) == sorted(
+        [f"[rank 0/2] wrote {out / expected[0]}", f"[rank 1/2] wrote {out / expected[1]}"]
+        + [f"[rank 0/2] wrote {out / expected[2]}"]
+    )
+
+
+def test_skip_existing_picks_up_a_stopped_run(tmp_path, demo_cache, b_folder, one_process):
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("b1_square_b_prime.png", "b3_ring_b_prime.png"):  # a run stopped after b1 and b3
+        (out / name).write_bytes((one_process / name).read_bytes())
+    kept = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    args = ("--demo", "--demo-cache", demo_cache, "--b", str(b_folder), "--out", str(out), "--skip-existing")
+
+    result = _ok(_run(tmp_path, *args, env=ONE_THREAD))
+    assert "skipping 2 b images" in result.stdout
+    assert [line for line in result.stdout.splitlines() if "wrote " in line] == [
+        f"wrote {out / 'b2_triangle_b_prime.png'}"
+    ]
+    assert {name: (out / name).stat().st_mtime_ns for name in kept} == kept  # the finished ones untouched
+    assert np.array_equal(_pixels(out / "b2_triangle_b_prime.png"), _pixels(one_process / "b2_triangle_b_prime.png"))
+
+    again = _ok(_run(tmp_path, *args))
+    assert "nothing to do" in again.stdout and "wrote" not in again.stdout
+
+
+def _write_gguf(safetensors_path: Path, gguf_path: Path) -> None:
+    """The demo Flux as a GGUF file (arch "flux"; block matrices Q8_0, the rest F16/F32), for city96's
+    UnetLoaderGGUF: a quantized Kontext as users have it (test_quantized_flux.py checks the numbers)."""
+    import gguf
+    import torch
+    from safetensors.torch import load_file
+
+    writer = gguf.GGUFWriter(str(gguf_path), arch="flux")
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    for key, tensor in load_file(str(safetensors_path)).items():
+        if tensor.ndim == 2 and key.startswith(("double_blocks.", "single_blocks.")) and tensor.shape[1] % 32 == 0:
+            writer.add_tensor(key, gguf.quants.quantize(tensor.float().numpy(), q8), raw_dtype=q8)
+            continue
+        writer.add_tensor(key, tensor.to(torch.float16 if tensor.ndim > 1 else torch.float32).numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _gguf_workflow(path: Path) -> None:
+    """The example workflow with UNETLoader swapped for UnetLoaderGGUF (its one widget: the file name)."""
+    workflow = json.loads(WORKFLOW.read_text(encoding="utf-8"))
+    for node in workflow["nodes"]:
+        if node["type"] == "UNETLoader":
+            node["type"] = "UnetLoaderGGUF"
+            node["widgets_values"] = node["widgets_values"][:1]
+    path.write_text(json.dumps(workflow), encoding="utf-8")
+
+
+def test_custom_nodes_run_a_gguf_workflow(tmp_path, demo_cache, one_process):
+    models = tmp_path / "gguf_models"
+    models.mkdir()
+    _write_gguf(Path(demo_cache) / "diffusion_models" / "lorweb-demo-flux.safetensors", models / "tiny-flux.gguf")
+    paths = tmp_path / "extra_model_paths.yaml"
+    paths.write_text(f"gguf_test:\n    diffusion_models: {models}\n", encoding="utf-8")
+    workflow = tmp_path / "gguf_workflow.json"
+    _gguf_workflow(workflow)
+    args = ("--demo", "--demo-cache", demo_cache, "--workflow", str(workflow), "--unet", "tiny-flux.gguf")
+    comfy_args = ("--comfy-args", f"--extra-model-paths-config {paths}")
+
+    without = _run(tmp_path, *args, *comfy_args, "--out", str(tmp_path / "no"))
+    assert without.returncode != 0 and "UnetLoaderGGUF" in without.stderr, without.stderr[-3000:]
+    assert "--custom-nodes" in without.stderr
+
+    out = tmp_path / "out"
+    result = _ok(_run(tmp_path, *args, *comfy_args, "--custom-nodes", "--out", str(out)))
+    assert f"wrote {out / 'demo_b_b_prime.png'}" in result.stdout
+    b_prime = _pixels(out / "demo_b_b_prime.png")
+    assert b_prime.shape == (DEMO_TILE, DEMO_TILE, 3) and b_prime.std() > 0
+
+
+def test_the_real_graph_without_model_files_names_each_file_and_option(tmp_path):
+    """The non-demo path (DualCLIPLoader, FluxKontextImageScale) converts; missing files are named in CLI terms."""
     image = tmp_path / "tile.png"
     Image.new("RGB", (32, 32), "white").save(image)
     empty_base = tmp_path / "base"
@@ -61,14 +199,17 @@ def test_the_real_graph_without_model_files_is_refused_naming_each_file(tmp_path
         "--comfy-args",
         f"--base-directory {empty_base}",
     )
-    assert result.returncode != 0 and "ComfyUI refused the workflow" in result.stderr
-    for name in (
-        "flux1-dev-kontext_fp8_scaled.safetensors",
-        "clip_l.safetensors",
-        "t5xxl_fp8_e4m3fn_scaled.safetensors",
-        "ae.safetensors",
-        "clip-vit-large-patch14.safetensors",
-        "lorweb_model.safetensors",
+    assert result.returncode != 0 and "model files missing" in result.stderr, result.stderr[-3000:]
+    for option, name, folder in (
+        ("--unet", "flux1-dev-kontext_fp8_scaled.safetensors", "diffusion_models"),
+        ("--clip-l", "clip_l.safetensors", "text_encoders"),
+        ("--t5", "t5xxl_fp8_e4m3fn_scaled.safetensors", "text_encoders"),
+        ("--vae", "ae.safetensors", "vae"),
+        ("--clip-vision", "clip-vit-large-patch14.safetensors", "clip_vision"),
+        ("--basis", "lorweb_model.safetensors", "lorweb"),
     ):
-        assert name in result.stderr, name
+        line = next(line for line in result.stderr.splitlines() if repr(name) in line)
+        assert line.strip().startswith(f"{option} {name!r} is not in ComfyUI's {folder} folder"), line
+        assert str(empty_base / "models" / folder) in line and f"or pass {option}" in line, line
+    assert "press R" not in result.stderr
     assert not (tmp_path / "out").exists()

@@ -10,10 +10,10 @@ import pytest
 import torch
 from comfy_host import HOST_DIR, SUPPORT_LINK_NAME
 from comfy_server import get_json, make_base, post_json, running_server
+from host_graphs import GOLDEN_FLUX, clip_analogy, golden_analogy, graph
 from lorweb_testing import GOLDEN_CKPT, random_basis_tensors, write_ai_toolkit_config, write_safetensors
 from PIL import Image
 from safetensors.torch import load_file
-from test_nodes_in_comfyui import GOLDEN_FLUX, clip_analogy, golden_analogy, graph
 
 import lorweb_ops
 from lorweb_ops.flux_map import released_module_names
