@@ -258,16 +258,7 @@ class Trainer:
         pick = orientation.view(-1, 1, 1, 1).bool()
         target = torch.where(pick, batch.latents["target_1"], batch.latents["target_0"])
         control = torch.where(pick, batch.latents["control_1"], batch.latents["control_0"])
-        indices, noise = batch.reverse_draw if reverse else batch.forward_draw
-        sigmas = sigmas_for(indices).to(self.device)
-        guidance = torch.full((target.shape[0],), self.config.train.guidance, device=self.device)
-        with self.accelerator.autocast():
-            prediction = self.backend.predict(
-                noisy_latents(target, noise, sigmas), sigmas, batch.context, batch.pooled, guidance, control
-            )
-        return flow_matching_loss(
-            prediction, target, noise, indices.to(self.device), self.config.train.timestep_weighting
-        )
+        return self._denoising_loss(batch, target, control, batch.reverse_draw if reverse else batch.forward_draw)
 
     def train_step(self) -> float:
         """One optimiser step over the global batch (and its accumulation micro-batches); returns the global loss."""
@@ -317,7 +308,11 @@ class Trainer:
 
     def _plain_losses(self, batch: Batch) -> torch.Tensor:
         target, control = batch.latents["target_0"], batch.latents["control_0"]
-        indices, noise = batch.forward_draw
+        return self._denoising_loss(batch, target, control, batch.forward_draw)
+
+    def _denoising_loss(self, batch: Batch, target, control, draw) -> torch.Tensor:
+        """The flow-matching loss of the model denoising ``target`` (conditioned on ``control``) at ``draw``."""
+        indices, noise = draw
         sigmas = sigmas_for(indices).to(self.device)
         guidance = torch.full((target.shape[0],), self.config.train.guidance, device=self.device)
         with self.accelerator.autocast():

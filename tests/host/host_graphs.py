@@ -11,6 +11,25 @@ GOLDEN_FLUX = dict(hidden=8, mlp_ratio=4.0, heads=1, axes=[2, 2, 4], depth=1, si
 STRENGTH = 0.75
 
 
+def ksampler(model: list, positive: list, steps: int = 3, seed: int = 50) -> dict:
+    """A stock KSampler node as Kontext runs it (euler, simple, cfg 1), on the nodes "negative" and "latent"."""
+    return {
+        "class_type": "KSampler",
+        "inputs": {
+            "model": model,
+            "seed": seed,
+            "steps": steps,
+            "cfg": 1.0,
+            "sampler_name": "euler",
+            "scheduler": "simple",
+            "positive": positive,
+            "negative": ["negative", 0],
+            "latent_image": ["latent", 0],
+            "denoise": 1.0,
+        },
+    }
+
+
 def graph(
     flux_path: str,
     analogy: dict,
@@ -38,21 +57,7 @@ def graph(
         },
         "guidance": {"class_type": "FluxGuidance", "inputs": {"conditioning": ["reference", 0], "guidance": 2.5}},
         "negative": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["text", 0]}},
-        "sample": {
-            "class_type": "KSampler",
-            "inputs": {
-                "model": ["apply", 0],
-                "seed": 50,
-                "steps": 3,
-                "cfg": 1.0,
-                "sampler_name": "euler",
-                "scheduler": "simple",
-                "positive": ["guidance", 0],
-                "negative": ["negative", 0],
-                "latent_image": ["latent", 0],
-                "denoise": 1.0,
-            },
-        },
+        "sample": ksampler(["apply", 0], ["guidance", 0]),
         "probe": {"class_type": "LoRWeBTest_ProbeWeights", "inputs": {"model": ["apply", 0], "samples": ["sample", 0]}},
         "analogy": analogy,
     }

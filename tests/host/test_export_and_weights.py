@@ -12,6 +12,7 @@ import shutil
 import pytest
 import torch
 from comfy_host import ExecutionFailed, PromptRejected
+from host_graphs import ksampler
 from lorweb_testing import GOLDEN, GOLDEN_CKPT, GOLDEN_TENSORS, golden_tensors, random_basis_tensors, write_safetensors
 from PIL import Image
 from safetensors import safe_open
@@ -58,21 +59,7 @@ def sampled(model: list, flux_path: str) -> dict:
             "inputs": {"conditioning": ["text", 0], "latent": ["latent", 0]},
         },
         "negative": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["text", 0]}},
-        "sample": {
-            "class_type": "KSampler",
-            "inputs": {
-                "model": model,
-                "seed": 50,
-                "steps": 2,
-                "cfg": 1.0,
-                "sampler_name": "euler",
-                "scheduler": "simple",
-                "positive": ["reference", 0],
-                "negative": ["negative", 0],
-                "latent_image": ["latent", 0],
-                "denoise": 1.0,
-            },
-        },
+        "sample": ksampler(model, ["reference", 0], steps=2),
         "probe": {"class_type": "LoRWeBTest_ProbeWeights", "inputs": {"model": model, "samples": ["sample", 0]}},
     }
 

@@ -7,6 +7,7 @@ import shutil
 import pytest
 import torch
 from comfy_host import ExecutionFailed
+from host_graphs import ksampler
 from lorweb_testing import GOLDEN, GOLDEN_CKPT
 from PIL import Image
 
@@ -72,21 +73,7 @@ def prompt(flux: str, b: list, encode_extra: dict | None = None, extra_nodes: di
         },
         "latent": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 32, "height": 32, "batch_size": 1}},
         "negative": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["text", 0]}},
-        "sample": {
-            "class_type": "KSampler",
-            "inputs": {
-                "model": ["apply", 0],
-                "seed": 50,
-                "steps": 2,
-                "cfg": 1.0,
-                "sampler_name": "euler",
-                "scheduler": "simple",
-                "positive": ["text", 0],
-                "negative": ["negative", 0],
-                "latent_image": ["latent", 0],
-                "denoise": 1.0,
-            },
-        },
+        "sample": ksampler(["apply", 0], ["text", 0], steps=2),
         "record": {"class_type": "LoRWeBTest_RecordMix", "inputs": {"weights": ["apply", 1], "samples": ["sample", 0]}},
     }
     nodes.update(extra_nodes or {})

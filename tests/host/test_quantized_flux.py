@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from comfy_host import COMFYUI_ROOT, GGUF_PACK_NAME, REPO_ROOT
+from host_graphs import ksampler
 from safetensors.torch import load_file, save_file
 
 import lorweb_ops
@@ -100,21 +101,7 @@ def prompt_for(loader: dict, query: str, probe: dict) -> dict:
         "latent": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 32, "height": 32, "batch_size": 1}},
         "guidance": {"class_type": "FluxGuidance", "inputs": {"conditioning": ["text", 0], "guidance": 2.5}},
         "negative": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["text", 0]}},
-        "sample": {
-            "class_type": "KSampler",
-            "inputs": {
-                "model": ["apply", 0],
-                "seed": 50,
-                "steps": 2,
-                "cfg": 1.0,
-                "sampler_name": "euler",
-                "scheduler": "simple",
-                "positive": ["guidance", 0],
-                "negative": ["negative", 0],
-                "latent_image": ["latent", 0],
-                "denoise": 1.0,
-            },
-        },
+        "sample": ksampler(["apply", 0], ["guidance", 0], steps=2),
         "probe": probe,
     }
 
