@@ -126,16 +126,18 @@ def cmlora_weights(count: int) -> tuple[float, float]:
     return (count - 0.5) / (2 * count - 1.5), 1.0 / (2 * count - 1.5)
 
 
-def refresh_steps(steps: int, rotations: Sequence[int], cache: str, late_step: int, reference: bool) -> list[int]:
+def refresh_steps(
+    steps: int, rotations: Sequence[int], cache: str, late_step: int, reference: bool, has_low: bool = True
+) -> list[int]:
     """Steps at which the dominant LoRA's cached contribution is recomputed (caching modes only).
 
     The reference caches only with a uniform interval >= 2 (non-uniform turns caching off) and, after the late
-    threshold, clears an entry of a list copy, so nothing is refreshed any more. The described method refreshes on
-    every rotation step.
+    threshold and only when there are low-frequency LoRAs, clears an entry of a list copy, so nothing is refreshed
+    any more. The described method refreshes on every rotation step.
     """
     if cache == "off" or (reference and cache == "non-uniform"):
         return []
-    if reference:
+    if reference and has_low:
         return [s for s in rotations if s < late_step]
     return list(rotations)
 
@@ -196,7 +198,8 @@ def composition_plan(settings: ComposeSettings, steps: int, count: int, high_cou
     dominant = dominant_schedule(steps, count, high_count, rotations, late_step, settings.reference)
     heavy, light = cmlora_weights(count)
     cached = caching_active(settings.cache, settings.cache_interval, settings.reference) and count > 1
-    refresh = set(refresh_steps(steps, rotations, settings.cache, late_step, settings.reference))
+    has_low = 0 < high_count < count
+    refresh = set(refresh_steps(steps, rotations, settings.cache, late_step, settings.reference, has_low))
     plans = []
     for step, dom in enumerate(dominant):
         weights = tuple(heavy if j == dom else light for j in range(count))
