@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -24,7 +25,7 @@ from pathlib import Path
 BENCH_DIR = Path(__file__).absolute().parent
 sys.path.insert(0, str(BENCH_DIR))
 
-from bench_lorweb import build_flux, median_seconds, module_names, start, write_ordinary_lora  # noqa: E402
+from bench_lorweb import build_flux, module_names, start, write_ordinary_lora  # noqa: E402
 
 METHODS = ("merge", "switch", "composite", "cmlora", "cmlora_uncached")
 
@@ -42,6 +43,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=1, help="timed repeats (median), after one warm-up")
     parser.add_argument("--json", type=Path)
     return parser.parse_args(argv)
+
+
+def median_seconds(run, repeats: int, setup=None, warm_up: bool = True) -> float:
+    """Median wall time of ``run`` over ``repeats`` (after one untimed warm-up unless ``warm_up`` is False)."""
+    times = []
+    for index in range(repeats + int(warm_up)):
+        if setup:
+            setup()
+        started = time.perf_counter()
+        run()
+        if index or not warm_up:
+            times.append(time.perf_counter() - started)
+    return statistics.median(times)
 
 
 def compose_settings(method: str) -> dict:
@@ -124,13 +138,14 @@ def run(args) -> dict:
             composed = compose.execute(model, lora_set, **compose_settings(method)).result[0]
             sampled, calls = counted(composed)
 
-            def sample(m=sampled):
-                comfy.sample.sample(m, noise, args.steps, 1.0, "euler", "simple", positive, positive, latent, seed=0)
+            def sample(m=sampled, steps=args.steps):
+                comfy.sample.sample(m, noise, steps, 1.0, "euler", "simple", positive, positive, latent, seed=0)
 
             mm.unload_all_models()
+            sample(steps=1)  # warm-up: loads (and for merge patches) the model, untimed
             calls.clear()
-            seconds = median_seconds(sample, args.repeats) / args.steps
-            forwards = len(calls) / (args.repeats + 1) / args.steps
+            seconds = median_seconds(sample, args.repeats, warm_up=False) / args.steps
+            forwards = len(calls) / args.repeats / args.steps
             results["runs"][f"{method}/N={count}"] = {
                 "seconds_per_step": seconds,
                 "forwards_per_step": forwards,
