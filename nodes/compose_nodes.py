@@ -296,7 +296,7 @@ class FrequencyProfile(io.ComfyNode):
             latent = nodes.common_ksampler(
                 sampled_model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image
             )[0]
-            return vae.decode(latent["samples"])[0].float().cpu().numpy()
+            return vae.decode(latent["samples"])[0].detach().float().cpu().numpy()
 
         if not lora_set.entries:
             raise LoRWeBError("The LoRA set is empty: add at least one LoRA or analogy with the LoRA Set nodes.")
