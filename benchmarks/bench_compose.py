@@ -171,8 +171,7 @@ def _held_bytes(model) -> int:
             factors.update({id(t.down): t.down for terms in runtime.terms for t in terms})
             total += sum(f.numel() * f.element_size() for f in factors.values())
             if runtime.state is not None:
-                for cache in runtime.state.deltas.values():
-                    total += sum(d.numel() * d.element_size() for d in cache.values())
+                total += runtime.state.cache_bytes
     return total
 
 

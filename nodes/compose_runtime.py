@@ -153,9 +153,10 @@ def _wrapped(model, lora_set: LoraSet, plan_source):
     clone = model.clone()
     runtime = ComposeRuntime(terms, [e.strength for e in lora_set.entries], plan_source)
     # a fresh key per node run: wrappers of an upstream composition stay and nest instead of being replaced
-    clone.add_wrapper_with_key(
-        comfy.patcher_extension.WrappersMP.APPLY_MODEL, f"{_WRAPPER_KEY}_{uuid.uuid4().hex}", runtime
-    )
+    key = f"{_WRAPPER_KEY}_{uuid.uuid4().hex}"
+    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, key, runtime)
+    # after sampling, drop the cached contributions and the factors moved to the device (the call log stays)
+    clone.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_CLEANUP, key, runtime.release)
     return clone
 
 
@@ -192,6 +193,7 @@ class _RunState:
     deltas: dict = field(default_factory=dict)  # cache key -> {lora index: prediction with it - base prediction}
     refreshed: dict = field(default_factory=dict)  # cache key -> last step at which the dominant was refreshed
     calls: list[tuple[int, int]] = field(default_factory=list)  # (step, forwards) per model call, for tests/benchmarks
+    cache_bytes: int = 0  # largest size the cached contributions reached in this run (benchmarks)
 
 
 class ComposeRuntime:
@@ -228,6 +230,12 @@ class ComposeRuntime:
                 return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kw)
 
         return self._combine(run, plan, step, state, transformer_options, x)
+
+    def release(self, patcher=None) -> None:
+        with self._lock:
+            if self.state is not None:
+                self.state.deltas = {}
+            self._moved = {}
 
     def _state_for(self, sigmas) -> _RunState:
         with self._lock:
@@ -271,6 +279,8 @@ class ComposeRuntime:
                 deltas[j] = fresh[j] - base
             if refresh:
                 state.refreshed[key] = step
+            held = sum(d.numel() * d.element_size() for cache in state.deltas.values() for d in cache.values())
+            state.cache_bytes = max(state.cache_bytes, held)
         state.calls.append((step, forwards))
         # sum_j w_j y_j = y_dom + sum_{j != dom} w_j (delta_j - delta_dom)   (weights sum to 1)
         output = fresh[dominant].clone()

@@ -230,6 +230,9 @@ def test_forwards_per_step_of_each_method(host, files):
     host.run(composed(files, loras, "cmlora", steps=6, cache="non-uniform"))
     expected = [4 if s == 0 else 2 if s in refresh else 1 for s in range(6)]
     assert _forwards_per_step(host, 6) == expected
+    # three cached contributions of one 1 x 16 x 4 x 4 float32 prediction each, released after sampling
+    state = runtime(host).state
+    assert state.cache_bytes == 3 * 16 * 4 * 4 * 4 and state.deltas == {}
 
 
 def test_two_calls_per_step_do_not_advance_the_schedule_twice(host, files):
