@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import comfy.samplers
-import comfy.utils
 import folder_paths
 import numpy as np
 from comfy_api.latest import io, ui
@@ -27,6 +26,7 @@ from ..lorweb_ops.compose import (
     render_profiles,
 )
 from ..lorweb_ops.images import from_pil
+from ..lorweb_ops.safetensors_io import read_safetensors
 from .apply_nodes import strength_input, validate_strength
 from .compose_runtime import composed_model, merge_patches, merged_model, scheduled_model
 from .types import CATEGORY, Basis, Weights
@@ -68,8 +68,13 @@ class LoraSetAddLoRA(io.ComfyNode):
 
     @classmethod
     def execute(cls, lora_name: str, strength: float, lora_set: LoraSet | None = None) -> io.NodeOutput:
+        if not lora_name.lower().endswith(".safetensors"):
+            raise LoRWeBError(
+                f"{lora_name} is not a .safetensors file; the pack reads only .safetensors (nothing is unpickled). "
+                "Convert it, or load it with the stock LoraLoaderModelOnly and merge."
+            )
         path = folder_paths.get_full_path_or_raise("loras", lora_name)
-        state = comfy.utils.load_torch_file(path, safe_load=True)
+        state, _ = read_safetensors(path)
         entry = SetEntry(name=lora_name, kind="lora", strength=float(strength), state=state)
         return io.NodeOutput((lora_set or LoraSet()).add(entry))
 

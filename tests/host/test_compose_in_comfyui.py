@@ -347,3 +347,10 @@ def test_a_lora_for_another_model_is_refused_with_a_message(host, files):
     prompt = composed(files, [("compose_not_flux.safetensors", 1.0)], "cmlora")
     with pytest.raises(ExecutionFailed, match="has no key that matches this model"):
         host.run(prompt)
+
+
+def test_only_safetensors_lora_files_are_read(host, files):
+    (host.models / "loras" / "compose_pickled.ckpt").write_bytes(b"not read")
+    add = host.nodes.NODE_CLASS_MAPPINGS["LoRWeB_LoraSetAddLoRA"]
+    with pytest.raises(ValueError, match="reads only .safetensors"):
+        add.execute("compose_pickled.ckpt", 1.0)
