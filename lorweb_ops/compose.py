@@ -304,7 +304,6 @@ class SetEntry:
     state: object = None  # dict[str, Tensor] of the LoRA file
     basis: object = None  # LoraBasis
     weights: object = None  # MixWeights
-    schedule: tuple[float, ...] | None = None  # per-step strength multipliers (Scheduled Strength), else None
 
 
 @dataclass(frozen=True)
