@@ -354,3 +354,63 @@ def test_only_safetensors_lora_files_are_read(host, files):
     add = host.nodes.NODE_CLASS_MAPPINGS["LoRWeB_LoraSetAddLoRA"]
     with pytest.raises(ValueError, match="reads only .safetensors"):
         add.execute("compose_pickled.ckpt", 1.0)
+
+
+def _flux_with_dtype(host, path: str, dtype, manual_cast):
+    """TinyFluxLoader's construction with another storage dtype (fp8 weights computed in float32)."""
+    import json
+
+    import comfy.model_detection
+    import comfy.model_management
+    import comfy.model_patcher
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(path, framework="pt") as handle:
+        config = json.loads(handle.metadata()["lorweb_test_unet_config"])
+    state = load_file(path)
+    model_config = comfy.model_detection.model_config_from_unet_config(config, state)
+    model_config.set_inference_dtype(dtype, manual_cast)
+    model = model_config.get_model(state, "")
+    model.load_model_weights(state, "")
+    return comfy.model_patcher.ModelPatcher(
+        model, comfy.model_management.get_torch_device(), comfy.model_management.unet_offload_device()
+    )
+
+
+def test_fp8_weights_compose_like_float32_weights_of_the_same_values(host, files):
+    """Weights rounded to float8 values, stored once as float32 and once as float8_e4m3fn (computed in float32):
+    composing on the fp8 model equals the stock LoRA loader on the float32 copy, and the fp8 weights stay as they
+    were (ComfyUI's own patching of fp8 weights would round the merged weights back to fp8)."""
+    import comfy.model_management
+    import comfy.sample
+    from safetensors import safe_open
+
+    with safe_open(files["flux"], framework="pt") as handle:
+        metadata = handle.metadata()
+    # every value representable in float8 (biases and norm scales are stored in fp8 too)
+    rounded = {k: v.to(torch.float8_e4m3fn).float() for k, v in files["original"].items()}
+    path = str(host.base / "compose_fp8_values.safetensors")
+    save_file(rounded, path, metadata=metadata)
+    float32 = _flux_with_dtype(host, path, torch.float32, None)
+    fp8 = _flux_with_dtype(host, path, torch.float8_e4m3fn, torch.float32)
+    assert fp8.model.diffusion_model.double_blocks[0].img_attn.qkv.weight.dtype == torch.float8_e4m3fn
+    before = {k: v.clone() for k, v in fp8.model.diffusion_model.state_dict().items()}
+
+    a = files["loras"]["a"]
+    generator = torch.Generator().manual_seed(9)
+    positive = [[torch.randn(1, 5, 16, generator=generator), {"pooled_output": torch.randn(1, 8), "guidance": 2.5}]]
+    latent = torch.zeros(1, 16, 4, 4)
+    noise = torch.randn(latent.shape, generator=generator)
+
+    def sample(model):
+        return comfy.sample.sample(model, noise, 3, 1.0, "euler", "simple", positive, positive, latent, seed=0)
+
+    expected = sample(host.nodes.LoraLoaderModelOnly().load_lora_model_only(float32, a, 0.8)[0])
+    lora_set = host.nodes.NODE_CLASS_MAPPINGS["LoRWeB_LoraSetAddLoRA"].execute(a, 0.8).result[0]
+    compose = host.nodes.NODE_CLASS_MAPPINGS["LoRWeB_ComposeLoRASet"]
+    composed = compose.execute(fp8, lora_set, "composite", 5, "non-uniform", 3, 0.55, -1, False).result[0]
+    close(sample(composed), expected)
+    comfy.model_management.unload_all_models()
+    after = fp8.model.diffusion_model.state_dict()
+    assert all(torch.equal(after[k].float(), before[k].float()) and after[k].dtype == before[k].dtype for k in before)
