@@ -233,6 +233,9 @@ def test_forwards_per_step_of_each_method(host, files):
     # three cached contributions of one 1 x 16 x 4 x 4 float32 prediction each, released after sampling
     state = runtime(host).state
     assert state.cache_bytes == 3 * 16 * 4 * 4 * 4 and state.deltas == {}
+    # the reference code turns caching off with the non-uniform schedule: every LoRA every step
+    host.run(composed(files, loras, "cmlora", steps=6, cache="non-uniform", reference_behaviour=True))
+    assert _forwards_per_step(host, 6) == [3] * 6
 
 
 def test_two_calls_per_step_do_not_advance_the_schedule_twice(host, files):
