@@ -7,6 +7,7 @@ from comfy_api.latest import ComfyExtension, io
 from .analogy_nodes import EncodeAnalogy
 from .apply_nodes import ApplyBasis
 from .basis_nodes import LoadBasis
+from .compose_nodes import ComposeLoRASet, FrequencyProfile, LoraSetAddAnalogy, LoraSetAddLoRA, ScheduledStrength
 from .export_nodes import SaveComposedLoRA
 from .grid_nodes import AnalogyGrid, CropResult
 from .weights_nodes import AdjustMix, ApplyWeights, BlendAnalogies
@@ -24,4 +25,9 @@ class LoRWeBExtension(ComfyExtension):
             BlendAnalogies,
             ApplyWeights,
             AdjustMix,
+            LoraSetAddLoRA,
+            LoraSetAddAnalogy,
+            FrequencyProfile,
+            ComposeLoRASet,
+            ScheduledStrength,
         ]

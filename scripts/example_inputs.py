@@ -130,6 +130,14 @@ def pencil_sketch(canvas: Canvas) -> Canvas:
     return np.repeat(grey[..., None], 3, axis=2)
 
 
+def night_lighting(canvas: Canvas) -> Canvas:
+    """A second edit, for the compose examples: night lighting (darker, blue cast, a warm glow from the top left)."""
+    x, y = _grid()
+    glow = 0.25 * np.exp(-((x - 0.2) ** 2 + (y - 0.25) ** 2) / 0.05)
+    night = canvas * np.array([0.28, 0.33, 0.55]) + glow[..., None] * np.array([0.9, 0.7, 0.35])
+    return np.clip(night, 0.0, 1.0)
+
+
 def to_image(canvas: Canvas) -> Image.Image:
     return Image.fromarray(np.round(canvas * 255.0).astype(np.uint8), mode="RGB")
 
@@ -140,6 +148,9 @@ EXAMPLES: dict[str, Callable[[], Canvas]] = {
     "lorweb_a_prime.png": lambda: pencil_sketch(sailboat_scene()),
     "lorweb_b.png": house_scene,
     "lorweb_b_sketch.png": lambda: pencil_sketch(house_scene()),
+    # the second example pair of the compose templates: another edit (night lighting) on the same kind of scene
+    "lorweb_a2.png": sailboat_scene,
+    "lorweb_a2_prime.png": lambda: night_lighting(sailboat_scene()),
 }
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 from workflow_testing import (
+    COMPOSE_LORA,
+    COMPOSE_TWO,
     FORWARD,
     FRONTEND_ONLY_TYPES,
     MODEL_FILES,
@@ -51,8 +53,8 @@ TEXT = {"input": {"required": {"text": ["STRING", {"forceInput": True}], "clip":
 DEFINITIONS = {"KSampler": KSAMPLER, "LoadImage": LOAD_IMAGE, "Grid": GRID, "Scale": SCALE, "Text": TEXT}
 
 
-def test_both_workflows_have_a_jpg_thumbnail():
-    assert set(WORKFLOWS) == {FORWARD, REVERSE}
+def test_every_workflow_has_a_jpg_thumbnail():
+    assert set(WORKFLOWS) == {FORWARD, REVERSE, COMPOSE_TWO, COMPOSE_LORA}
     for name in WORKFLOWS:
         path = WORKFLOWS_DIR / f"{name}.jpg"
         thumbnail = Image.open(path)

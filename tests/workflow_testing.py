@@ -12,6 +12,8 @@ if str(ROOT / "scripts") not in sys.path:
 
 WORKFLOWS_DIR = ROOT / "example_workflows"
 FORWARD, REVERSE = "lorweb_analogy_flux_kontext", "lorweb_reverse_analogy_flux_kontext"
+#: the composition examples (docs/compose.md): two analogies with cmlora; an analogy plus an ordinary LoRA
+COMPOSE_TWO, COMPOSE_LORA = "lorweb_compose_two_analogies_cmlora", "lorweb_compose_analogy_and_lora"
 WORKFLOWS = sorted(path.stem for path in WORKFLOWS_DIR.glob("*.json"))
 #: every model file the workflows name, and its ComfyUI model folder
 MODEL_FILES = {
@@ -23,7 +25,16 @@ MODEL_FILES = {
     "ae.safetensors": "vae",
 }
 #: the pack's own example images (example_inputs/, drawn by scripts/example_inputs.py) the templates load
-INPUT_IMAGES = ("lorweb_a.png", "lorweb_a_prime.png", "lorweb_b.png", "lorweb_b_sketch.png")
+INPUT_IMAGES = (
+    "lorweb_a.png",
+    "lorweb_a_prime.png",
+    "lorweb_b.png",
+    "lorweb_b_sketch.png",
+    "lorweb_a2.png",
+    "lorweb_a2_prime.png",
+)
+#: placeholder names the compose examples pick in models/loras (the user's own LoRA)
+LORA_FILES = ("your_style_lora.safetensors",)
 
 # The converter the runner uses (scripts/ is not a package); re-exported for the tests.
 from lorweb_workflow import (  # noqa: E402
@@ -35,10 +46,13 @@ from lorweb_workflow import (  # noqa: E402
 )
 
 __all__ = [
+    "COMPOSE_LORA",
+    "COMPOSE_TWO",
     "CONTROL_VALUES",
     "FORWARD",
     "FRONTEND_ONLY_TYPES",
     "INPUT_IMAGES",
+    "LORA_FILES",
     "MODEL_FILES",
     "REVERSE",
     "WORKFLOWS",

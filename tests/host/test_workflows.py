@@ -15,6 +15,7 @@ from workflow_testing import (
     CONTROL_VALUES,
     FRONTEND_ONLY_TYPES,
     INPUT_IMAGES,
+    LORA_FILES,
     MODEL_FILES,
     REVERSE,
     WORKFLOWS,
@@ -37,6 +38,9 @@ def _place_inputs(base: Path) -> None:
     for file_name, folder in MODEL_FILES.items():
         (base / "models" / folder).mkdir(parents=True, exist_ok=True)
         (base / "models" / folder / file_name).write_bytes(b"")
+    (base / "models" / "loras").mkdir(parents=True, exist_ok=True)
+    for file_name in LORA_FILES:
+        (base / "models" / "loras" / file_name).write_bytes(b"")
     for name in INPUT_IMAGES:  # the pack's own example images, as scripts/example_inputs.py install copies them
         shutil.copyfile(REPO_ROOT / "example_inputs" / name, base / "input" / name)
 
