@@ -18,7 +18,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from .checks import is_number_in, show
 from .errors import LoRWeBError
+
+#: bounds on what a client may ask for: steps, LoRAs, tau, intervals; strengths; a typed strength list
+MAX_COUNT = 100_000
+STRENGTH_BOUND = 10.0
+MAX_STRENGTH_LIST_CHARS = 100_000
 
 METHODS = ("merge", "switch", "composite", "cmlora")
 CACHE_MODES = ("non-uniform", "uniform", "off")
@@ -67,7 +73,7 @@ def rotation_steps(steps: int, cache: str, interval: int) -> list[int]:
         return uniform_steps(steps, interval)
     if cache == "off":
         return uniform_steps(steps, 1)
-    raise LoRWeBError(f"cache must be one of {', '.join(CACHE_MODES)}, got {cache!r}")
+    raise LoRWeBError(f"cache must be one of {', '.join(CACHE_MODES)}, got {show(cache)}.")
 
 
 def late_start(steps: int, fraction: float, reference: bool = False) -> int:
@@ -78,8 +84,8 @@ def late_start(steps: int, fraction: float, reference: bool = False) -> int:
     """
     if reference:
         return REFERENCE_LATE_STEP
-    if not 0.0 <= fraction <= 1.0:
-        raise LoRWeBError(f"late_fraction must be between 0 and 1, got {fraction}")
+    if not is_number_in(fraction, 0.0, 1.0):
+        raise LoRWeBError(f"late_fraction must be between 0 and 1, got {show(fraction)}.")
     return round(fraction * steps)
 
 
@@ -175,9 +181,9 @@ class ComposeSettings:
 
     def check(self) -> None:
         if self.method not in METHODS:
-            raise LoRWeBError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+            raise LoRWeBError(f"method must be one of {', '.join(METHODS)}, got {show(self.method)}.")
         if self.cache not in CACHE_MODES:
-            raise LoRWeBError(f"cache must be one of {', '.join(CACHE_MODES)}, got {self.cache!r}")
+            raise LoRWeBError(f"cache must be one of {', '.join(CACHE_MODES)}, got {show(self.cache)}.")
         _check_positive(tau=self.tau, cache_interval=self.cache_interval)
         late_start(1, self.late_fraction)
 
@@ -224,9 +230,11 @@ def forwards_per_plan(plans: Sequence[StepPlan], count: int) -> list[int]:
 def strength_schedule(steps: int, start: float, end: float, values: Sequence[float] = ()) -> list[float]:
     """Strength per step: ``values`` spread evenly over the steps (linear in between), else start -> end linearly."""
     _check_positive(steps=steps)
-    points = [float(v) for v in values] if values else [float(start), float(end)]
-    if not all(math.isfinite(v) for v in points):
-        raise LoRWeBError(f"strengths must be finite numbers, got {points}")
+    points = list(values) if values else [start, end]
+    if not all(is_number_in(v, -STRENGTH_BOUND, STRENGTH_BOUND) for v in points):
+        bad = next(v for v in points if not is_number_in(v, -STRENGTH_BOUND, STRENGTH_BOUND))
+        raise LoRWeBError(f"strengths must be numbers from -{STRENGTH_BOUND:g} to {STRENGTH_BOUND:g}, got {show(bad)}.")
+    points = [float(v) for v in points]
     if len(points) == 1 or steps == 1:
         return [points[0]] * steps
     positions = np.linspace(0.0, steps - 1, len(points))
@@ -235,14 +243,16 @@ def strength_schedule(steps: int, start: float, end: float, values: Sequence[flo
 
 def parse_strengths(text: str) -> list[float]:
     """``"1.0, 0.8, 0.5"`` -> floats; empty text -> []."""
+    if len(text) > MAX_STRENGTH_LIST_CHARS:
+        raise LoRWeBError(f"the strength list is {len(text)} characters long; give at most {MAX_STRENGTH_LIST_CHARS}.")
     parts = [p for p in text.replace(";", ",").replace("\n", ",").split(",") if p.strip()]
     try:
         values = [float(p) for p in parts]
     except ValueError:
-        message = f"the strength list must be numbers separated by commas (e.g. 1.0, 0.8, 0.5), got {text!r}"
+        message = f"the strength list must be numbers separated by commas (e.g. 1.0, 0.8, 0.5), got {show(text)}"
         raise LoRWeBError(message) from None
     if not all(math.isfinite(v) for v in values):
-        raise LoRWeBError(f"the strength list must contain finite numbers, got {text!r}")
+        raise LoRWeBError(f"the strength list must contain finite numbers, got {show(text)}")
     return values
 
 
@@ -265,8 +275,8 @@ def _one_hot(count: int, index: int) -> tuple[float, ...]:
 
 def _check_positive(**values: int) -> None:
     for name, value in values.items():
-        if not isinstance(value, int) or value < 1:
-            raise LoRWeBError(f"{name} must be a whole number of at least 1, got {value!r}")
+        if not is_number_in(value, 1, MAX_COUNT, whole=True):
+            raise LoRWeBError(f"{name} must be a whole number from 1 to {MAX_COUNT}, got {show(value)}.")
 
 
 # ------------------------------------------------------------------------------------- low rank on activations

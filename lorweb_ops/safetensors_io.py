@@ -33,10 +33,10 @@ DTYPES = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-#: A LoRWeB basis header is ~0.3 MB (494 modules x 4 tensors); refuse far larger ones before parsing them.
+#: A LoRWeB basis header is ~0.3 MB (494 modules x 4 tensors), a LoRA's similar; refuse far larger before parsing.
 MAX_HEADER_BYTES = 16 * 1024 * 1024
-#: 494 Flux modules x 4 tensors is the most a basis holds; a file with many more is not a basis.
-MAX_TENSORS = 8192
+#: A basis holds at most 494 Flux modules x 4 tensors and a Flux LoRA a few thousand; far more is neither.
+MAX_TENSORS = 16384
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ def read_header(path: str) -> Header:
         with safe_open(path, framework="pt") as handle:
             names = handle.offset_keys()
             if len(names) > MAX_TENSORS:
-                raise _damaged(name, f"it holds {len(names)} tensors; a LoRWeB basis holds at most {MAX_TENSORS}")
+                raise _damaged(name, f"it holds {len(names)} tensors; the pack reads files of at most {MAX_TENSORS}")
             shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in names}
             metadata = dict(handle.metadata() or {})
     except SafetensorError as error:

@@ -27,7 +27,7 @@ from ..lorweb_ops.compose import (
 )
 from ..lorweb_ops.images import from_pil
 from ..lorweb_ops.safetensors_io import read_safetensors
-from .apply_nodes import strength_input, validate_strength
+from .mix_output import strength_input, validate_strength
 from .compose_runtime import composed_model, merge_patches, merged_model, scheduled_model
 from .types import CATEGORY, Basis, Weights
 

@@ -261,3 +261,22 @@ def test_partition_and_plot():
     profiles = {"no LoRA": np.linspace(1, 0.5, 40), "style": np.linspace(1, 0.7, 40)}
     image = render_profiles(profiles)
     assert image.size == (640, 400) and len(np.unique(np.asarray(image).reshape(-1, 3), axis=0)) > 3
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: strength_schedule(28, 10**400, 0.0), "strengths must be numbers from -10 to 10, got an integer of"),
+        (lambda: strength_schedule(28, 1.0, float("nan")), "strengths must be numbers from -10 to 10, got nan"),
+        (lambda: parse_strengths("1," * 60_000), "the strength list is 120000 characters long"),
+        (lambda: parse_strengths("1, x" + "y" * 10_000), "got '1, xyyyy"),
+        (lambda: composition_plan(ComposeSettings("cmlora"), 10**9, 3, 2), "steps must be a whole number from 1 to"),
+        (lambda: composition_plan(ComposeSettings("switch", tau=-(10**400)), 28, 3, 3), "tau must be a whole number"),
+        (lambda: composition_plan(ComposeSettings("cmlora", late_fraction=10**400), 28, 3, 2), "late_fraction"),
+        (lambda: composition_plan(ComposeSettings("x" * 10_000), 28, 3, 2), "method must be one of"),
+    ],
+)
+def test_client_values_of_any_size_get_a_bounded_message(call, message):
+    with pytest.raises(LoRWeBError, match=message) as error:
+        call()
+    assert len(str(error.value)) < 400
