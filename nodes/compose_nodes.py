@@ -27,8 +27,8 @@ from ..lorweb_ops.compose import (
 )
 from ..lorweb_ops.images import from_pil
 from ..lorweb_ops.safetensors_io import read_safetensors
-from .mix_output import strength_input, validate_strength
 from .compose_runtime import composed_model, merge_patches, merged_model, scheduled_model
+from .mix_output import strength_input, validate_strength
 from .types import CATEGORY, Basis, Weights
 
 LoraSetType = io.Custom("LORWEB_LORA_SET")
