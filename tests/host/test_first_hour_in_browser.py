@@ -18,7 +18,7 @@ import pytest
 from browser import find_chromium, open_page
 from comfy_host import PACK_LINK_NAME, REPO_ROOT
 from comfy_server import get_json, post_json, running_server
-from workflow_testing import FORWARD, INPUT_IMAGES, MODEL_FILES, WORKFLOWS, load_example, ui_to_api
+from workflow_testing import FORWARD, INPUT_IMAGES, LORA_FILES, MODEL_FILES, WORKFLOWS, load_example, ui_to_api
 
 CHROMIUM = find_chromium()
 pytestmark = pytest.mark.skipif(
@@ -26,6 +26,12 @@ pytestmark = pytest.mark.skipif(
 )
 #: the node types whose widget names a model file, and the ComfyUI error a missing file gives there
 MODEL_LOADERS = {"UNETLoader", "DualCLIPLoader", "VAELoader", "CLIPVisionLoader", "LoRWeB_LoadBasis"}
+#: the compose template with an ordinary LoRA also names a model file of the user's own (a placeholder LoRA)
+LORA_LOADER = "LoRWeB_LoraSetAddLoRA"
+
+
+def model_loaders(workflow: str) -> set[str]:
+    return MODEL_LOADERS | ({LORA_LOADER} if "and_lora" in workflow else set())
 
 
 def fresh_base(base: Path) -> Path:
@@ -65,6 +71,9 @@ def first_hour(tmp_path_factory):
         for file_name, folder in MODEL_FILES.items():
             (base / "models" / folder).mkdir(parents=True, exist_ok=True)
             (base / "models" / folder / file_name).write_bytes(b"")  # names only: validation lists them
+        for file_name in LORA_FILES:
+            (base / "models" / "loras").mkdir(parents=True, exist_ok=True)
+            (base / "models" / "loras" / file_name).write_bytes(b"")
         results["with_models"] = {name: queue(url, name, info) for name in WORKFLOWS}
         results["dialog_with_models"], _ = asyncio.run(_missing_models_dialog(url, base, screenshots=False))
     results["base"] = base
@@ -131,7 +140,7 @@ def test_before_the_model_files_only_model_files_are_missing(first_hour, name):
     assert errors, body
     text = json.dumps(body)
     assert "Invalid image file" not in text and "LoadImage" not in {e["class_type"] for e in errors.values()}
-    assert {error["class_type"] for error in errors.values()} == MODEL_LOADERS
+    assert {error["class_type"] for error in errors.values()} == model_loaders(name)
     for error in errors.values():
         kinds = {entry["type"] for entry in error["errors"]}
         if error["class_type"] == "LoRWeB_LoadBasis":
