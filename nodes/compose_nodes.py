@@ -10,6 +10,7 @@ import numpy as np
 from comfy_api.latest import io, ui
 
 from ..lorweb_ops import LoRWeBError
+from ..lorweb_ops.checks import show
 from ..lorweb_ops.compose import (
     CACHE_MODES,
     DEFAULT_LATE_FRACTION,
@@ -70,7 +71,7 @@ class LoraSetAddLoRA(io.ComfyNode):
     def execute(cls, lora_name: str, strength: float, lora_set: LoraSet | None = None) -> io.NodeOutput:
         if not lora_name.lower().endswith(".safetensors"):
             raise LoRWeBError(
-                f"{lora_name} is not a .safetensors file; the pack reads only .safetensors (nothing is unpickled). "
+                f"{show(lora_name)} is not a .safetensors file; the pack reads only .safetensors (nothing is unpickled). "
                 "Convert it, or load it with the stock LoraLoaderModelOnly and merge."
             )
         path = folder_paths.get_full_path_or_raise("loras", lora_name)

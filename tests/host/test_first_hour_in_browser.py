@@ -31,7 +31,13 @@ LORA_LOADER = "LoRWeB_LoraSetAddLoRA"
 
 
 def model_loaders(workflow: str) -> set[str]:
-    return MODEL_LOADERS | ({LORA_LOADER} if "and_lora" in workflow else set())
+    """The nodes a queue-time check names for missing model files. 0.3.64 does not check the values of V3 combo
+    inputs when a prompt is queued (the LoRA Set node's file list is one), so there it names the LoRA at run time."""
+    import comfyui_version
+
+    version = tuple(int(part) for part in comfyui_version.__version__.split(".")[:3])
+    checks_v3_combos = version >= (0, 8, 0)
+    return MODEL_LOADERS | ({LORA_LOADER} if "and_lora" in workflow and checks_v3_combos else set())
 
 
 def fresh_base(base: Path) -> Path:
