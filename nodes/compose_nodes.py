@@ -71,8 +71,8 @@ class LoraSetAddLoRA(io.ComfyNode):
     def execute(cls, lora_name: str, strength: float, lora_set: LoraSet | None = None) -> io.NodeOutput:
         if not lora_name.lower().endswith(".safetensors"):
             raise LoRWeBError(
-                f"{show(lora_name)} is not a .safetensors file; the pack reads only .safetensors (nothing is unpickled). "
-                "Convert it, or load it with the stock LoraLoaderModelOnly and merge."
+                f"{show(lora_name)} is not a .safetensors file; the pack reads only .safetensors (nothing is "
+                "unpickled). Convert it, or load it with the stock LoraLoaderModelOnly and merge."
             )
         path = folder_paths.get_full_path_or_raise("loras", lora_name)
         state, _ = read_safetensors(path)
