@@ -121,9 +121,34 @@ class _BoundedLoader(yaml.SafeLoader):
             self._depth -= 1
 
 
+class _PlainLoader(_BoundedLoader):
+    """The bounded loader for documents that are constructed whole: aliases are refused outright."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise _ConfigTooComplex("it uses YAML aliases (*name); write the values out")
+        return super().compose_node(parent, index)
+
+
+def read_plain_yaml(path: str, fix: str) -> Any:
+    """A whole yaml document, within the same bounds as a basis config and without aliases.
+
+    ``fix`` ends every message: what the user should give instead (e.g. "Give the path of your train.yaml.").
+    """
+    loader = _PlainLoader(_read_config_text(path, fix))
+    try:
+        return loader.get_single_data()
+    except _ConfigTooComplex as error:
+        raise LoRWeBError(f"{path} cannot be read: {error}. {fix}") from None
+    except (yaml.YAMLError, ValueError) as error:
+        raise LoRWeBError(f"{path} is not readable YAML ({show(str(error), 200)}). {fix}") from None
+    finally:
+        loader.dispose()
+
+
 def settings_from_yaml(path: str) -> BasisSettings:
     """Read ``config.process[0].network.network_kwargs`` of an ai-toolkit training config."""
-    text = _read_config_text(path)
+    text = _read_config_text(path, _CONFIG_FIX)
     loader = _BoundedLoader(text)
     try:
         document = loader.get_single_node()
@@ -142,22 +167,20 @@ def settings_from_yaml(path: str) -> BasisSettings:
     return settings_from_kwargs(kwargs, path)
 
 
-def _read_config_text(path: str) -> str:
+_CONFIG_FIX = "Give the ai-toolkit config.yaml saved beside the basis."
+
+
+def _read_config_text(path: str, fix: str) -> str:
     if not os.path.isfile(path):
-        raise LoRWeBError(f"LoRWeB config file not found: {path}. Give the config.yaml saved beside the basis.")
+        raise LoRWeBError(f"config file not found: {path}. {fix}")
     with open(path, "rb") as handle:
         raw = handle.read(MAX_CONFIG_BYTES + 1)
     if len(raw) > MAX_CONFIG_BYTES:
-        raise LoRWeBError(
-            f"{path} is larger than {MAX_CONFIG_BYTES // 1024} kB; an ai-toolkit config.yaml is a few kB. Give the "
-            "config.yaml saved beside the basis."
-        )
+        raise LoRWeBError(f"{path} is larger than {MAX_CONFIG_BYTES // 1024} kB; a config is a few kB. {fix}")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise LoRWeBError(
-            f"{path} is not UTF-8 text. Give the ai-toolkit config.yaml saved beside the basis."
-        ) from None
+        raise LoRWeBError(f"{path} is not UTF-8 text. {fix}") from None
 
 
 def _network_kwargs(document: yaml.Node | None, loader: _BoundedLoader, path: str) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from lorweb_ops.config import QUERY_MODE_EMBEDDINGS
+from lorweb_ops.config import QUERY_MODE_EMBEDDINGS, read_plain_yaml
 from lorweb_ops.errors import LoRWeBError
 
 #: query modes whose query is built from per-image embeddings (the cache holds E(a), E(a'), E(b), E(b'))
@@ -108,11 +108,8 @@ def load_config(path: str | os.PathLike, overrides: dict | None = None) -> Train
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise LoRWeBError(f"training config not found: {path}. Give the path of your train.yaml.")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            document = yaml.safe_load(handle) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as error:
-        raise LoRWeBError(f"{path} is not readable YAML ({error}). Fix the syntax and run again.") from None
+    # the same bounds as a basis config (size, nesting, number of values; no aliases)
+    document = read_plain_yaml(path, "Fix the file (see docs/training.md) and run again.") or {}
     return config_from_mapping(document, path, overrides)
 
 

@@ -167,3 +167,22 @@ def test_cli_reports_a_bad_config_without_a_traceback(tmp_path, capsys):
     path.write_text(yaml.safe_dump({"data": {"path": str(tmp_path)}, "trian": {}}))
     assert main(["--config", str(path)]) == 2
     assert "unknown config key 'trian'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("a: &x [1, 2]\nb: *x\n", "uses YAML aliases"),
+        ("train: " + "[" * 5000 + "]" * 5000 + "\n", "nests deeper than 32 levels"),
+        ("# pad\n" * 60_000, "is larger than 256 kB"),
+        ("train: {lr: 1e-3\n", "is not readable YAML"),
+    ],
+)
+def test_a_hostile_training_config_gets_a_bounded_message(tmp_path, text, message):
+    from lorweb_train.config import load_config
+
+    path = tmp_path / "train.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(LoRWeBError, match=message) as error:
+        load_config(path)
+    assert len(str(error.value)) < 600 and "run again" in str(error.value)
