@@ -195,30 +195,35 @@ def write_clip_vision(path: Path) -> None:
     _save(path, shapes, torch.float16, seed=3)
 
 
-def write_vae(path: Path) -> None:
+#: the Flux autoencoder's layout (z 16, ch 128, mult 1 2 4 4), as ComfyUI's AutoencodingEngine takes it
+FLUX_VAE_CONFIG = {
+    "double_z": True,
+    "z_channels": 16,
+    "resolution": 256,
+    "in_channels": 3,
+    "out_ch": 3,
+    "ch": 128,
+    "ch_mult": [1, 2, 4, 4],
+    "num_res_blocks": 2,
+    "attn_resolutions": [],
+    "dropout": 0.0,
+}
+
+
+def flux_vae_engine():
+    """ComfyUI's AutoencodingEngine in the Flux VAE layout (build it under ``torch.device("meta")`` for shapes)."""
     from comfy.ldm.models.autoencoder import AutoencodingEngine
 
-    config = {
-        "double_z": True,
-        "z_channels": 16,
-        "resolution": 256,
-        "in_channels": 3,
-        "out_ch": 3,
-        "ch": 128,
-        "ch_mult": [1, 2, 4, 4],
-        "num_res_blocks": 2,
-        "attn_resolutions": [],
-        "dropout": 0.0,
-    }
     coder = "comfy.ldm.modules.diffusionmodules.model."
-    shapes = _meta_shapes(
-        lambda: AutoencodingEngine(
-            regularizer_config={"target": "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"},
-            encoder_config={"target": coder + "Encoder", "params": config},
-            decoder_config={"target": coder + "Decoder", "params": config},
-        )
+    return AutoencodingEngine(
+        regularizer_config={"target": "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"},
+        encoder_config={"target": coder + "Encoder", "params": FLUX_VAE_CONFIG},
+        decoder_config={"target": coder + "Decoder", "params": FLUX_VAE_CONFIG},
     )
-    _save(path, shapes, torch.float16, seed=4)
+
+
+def write_vae(path: Path) -> None:
+    _save(path, _meta_shapes(flux_vae_engine), torch.float16, seed=4)
 
 
 def write_basis(path: Path, modules: list[str] | None = None, num_loras: int = NUM_LORAS, seed: int = 5) -> Path:

@@ -5,40 +5,29 @@ float64 numpy re-derivation of the reference statistic; the node's order and par
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 import pytest
 import torch
+from comfy_host import REPO_ROOT
+from host_graphs import GOLDEN_FLUX
 from safetensors.torch import save_file
 
-TINY_FLUX = dict(hidden=8, mlp_ratio=4.0, heads=1, axes=[2, 2, 4], depth=1, single_depth=1, context=16, vec=8)
+if str(REPO_ROOT / "scripts") not in sys.path:
+    sys.path.append(str(REPO_ROOT / "scripts"))
+
 HIDDEN, MLP = 8, 32
 SETTINGS = dict(seed=3, steps=2, cfg=1.0, sampler_name="euler", scheduler="simple")
 
 
 def flux_vae():
     """ComfyUI's VAE class on a random state dict of the Flux autoencoder layout (z = 16, ch 128, mult 1 2 4 4)."""
-    import comfy.ldm.models.autoencoder
     import comfy.sd
+    from lorweb_demo import flux_vae_engine
 
-    config = {
-        "double_z": True,
-        "z_channels": 16,
-        "resolution": 256,
-        "in_channels": 3,
-        "out_ch": 3,
-        "ch": 128,
-        "ch_mult": [1, 2, 4, 4],
-        "num_res_blocks": 2,
-        "attn_resolutions": [],
-        "dropout": 0.0,
-    }
     with torch.device("meta"):
-        engine = comfy.ldm.models.autoencoder.AutoencodingEngine(
-            regularizer_config={"target": "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"},
-            encoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Encoder", "params": config},
-            decoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Decoder", "params": config},
-        )
+        engine = flux_vae_engine()
     generator = torch.Generator().manual_seed(11)
     state = {}
     for key, value in engine.state_dict().items():
@@ -89,7 +78,7 @@ def reference_score(image: np.ndarray) -> float:
 @pytest.fixture(scope="module")
 def setup(host):
     flux_path = host.base / "frequency_tiny_flux.safetensors"
-    host.support().write_tiny_flux(str(flux_path), **TINY_FLUX)
+    host.support().write_tiny_flux(str(flux_path), **GOLDEN_FLUX)
     model = host.support().TinyFluxLoader().load(str(flux_path))[0]
     generator = torch.Generator().manual_seed(1)
     positive = [[torch.randn(1, 5, 16, generator=generator), {"pooled_output": torch.randn(1, 8), "guidance": 2.5}]]

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from gguf_files import write_gguf
 from safetensors.torch import save_file
 
 GGUF_FLUX = dict(hidden=32, mlp_ratio=4.0, heads=1, axes=[8, 12, 12], depth=1, single_depth=1, context=32, vec=32)
@@ -37,24 +38,6 @@ def _gguf_pack():
         sys.modules[name] = module
         spec.loader.exec_module(module)
     return {part: importlib.import_module(f"{name}.{part}") for part in ("loader", "ops", "nodes")}
-
-
-def write_gguf(path: Path, state: dict[str, torch.Tensor]) -> None:
-    """Q8_0 for every 2-D weight (all have a width that is a multiple of 32), F32 for the rest."""
-    import gguf
-
-    writer = gguf.GGUFWriter(path=None, arch="flux")
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    for key, value in state.items():
-        data = value.float().numpy()
-        qtype = gguf.GGMLQuantizationType.F32
-        if data.ndim == 2 and data.shape[1] % 32 == 0:
-            qtype = gguf.GGMLQuantizationType.Q8_0
-        writer.add_tensor(key, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
-    writer.write_header_to_file(path=str(path))
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
 
 
 def load_gguf_flux(host, path: Path):
@@ -102,7 +85,7 @@ def _lora(folder: Path, name: str, seed: int) -> str:
 def gguf_files(host, tmp_path_factory):
     folder = tmp_path_factory.mktemp("gguf")
     state = host.support().write_tiny_flux(str(folder / "flux.safetensors"), **GGUF_FLUX)
-    write_gguf(folder / "flux.gguf", state)
+    write_gguf(folder / "flux.gguf", state, quantize=lambda key: True)  # every 2-D weight in Q8_0
     loras = [_lora(host.models / "loras", f"compose_gguf_{i}.safetensors", seed=10 + i) for i in range(2)]
     return {"gguf": folder / "flux.gguf", "loras": loras}
 

@@ -12,10 +12,10 @@ import shutil
 import pytest
 import torch
 from comfy_host import ExecutionFailed
+from host_graphs import GOLDEN_FLUX
 from lorweb_testing import GOLDEN_CKPT, GOLDEN_TENSORS
 from safetensors.torch import save_file
 
-TINY_FLUX = dict(hidden=8, mlp_ratio=4.0, heads=1, axes=[2, 2, 4], depth=1, single_depth=1, context=16, vec=8)
 HIDDEN, MLP = 8, 32
 TOLERANCE = 1e-4
 
@@ -61,7 +61,7 @@ def _lora_files(folder) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def files(host):
     flux_path = host.base / "compose_tiny_flux.safetensors"
-    original = host.support().write_tiny_flux(str(flux_path), **TINY_FLUX)
+    original = host.support().write_tiny_flux(str(flux_path), **GOLDEN_FLUX)
     shutil.copy(GOLDEN_CKPT, host.models / "lorweb" / "compose_golden.safetensors")
     return {"flux": str(flux_path), "original": original, "loras": _lora_files(host.models / "loras")}
 

@@ -12,7 +12,7 @@ import shutil
 import pytest
 import torch
 from comfy_host import ExecutionFailed, PromptRejected
-from host_graphs import ksampler
+from host_graphs import GOLDEN_FLUX, ksampler
 from lorweb_testing import GOLDEN, GOLDEN_CKPT, GOLDEN_TENSORS, golden_tensors, random_basis_tensors, write_safetensors
 from PIL import Image
 from safetensors import safe_open
@@ -22,7 +22,6 @@ import lorweb_ops
 from lorweb_ops import MixWeights
 from lorweb_ops.flux_map import module_shape, released_module_names
 
-GOLDEN_FLUX = dict(hidden=8, mlp_ratio=4.0, heads=1, axes=[2, 2, 4], depth=1, single_depth=1, context=16, vec=8)
 STRENGTH = 0.8
 BASIS = "export_golden.safetensors"
 UNMATCHED = ("lora key not loaded", "NOT LOADED")

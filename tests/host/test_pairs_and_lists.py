@@ -7,13 +7,12 @@ import shutil
 import pytest
 import torch
 from comfy_host import ExecutionFailed
-from host_graphs import ksampler
+from host_graphs import GOLDEN_FLUX, ksampler
 from lorweb_testing import GOLDEN, GOLDEN_CKPT
 from PIL import Image
 
 import lorweb_ops
 
-TINY_FLUX = dict(hidden=8, mlp_ratio=4.0, heads=1, axes=[2, 2, 4], depth=1, single_depth=1, context=16, vec=8)
 BASIS = "pairs_golden.safetensors"
 
 
@@ -21,7 +20,7 @@ BASIS = "pairs_golden.safetensors"
 def files(host):
     shutil.copy(GOLDEN_CKPT, host.models / "lorweb" / BASIS)
     flux = host.base / "pairs_tiny_flux.safetensors"
-    host.support().write_tiny_flux(str(flux), **TINY_FLUX)
+    host.support().write_tiny_flux(str(flux), **GOLDEN_FLUX)
     tiles = lorweb_ops.grid_quadrants(Image.open(GOLDEN / "grid_square.png").convert("RGB"))
     images = {
         "pairs_a.png": tiles["a"],

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from comfy_host import COMFYUI_ROOT, GGUF_PACK_NAME, REPO_ROOT
+from gguf_files import write_gguf
 from host_graphs import ksampler
 from safetensors.torch import load_file, save_file
 
@@ -58,25 +59,6 @@ def real_flux(host):
 
     comfy.model_management.unload_all_models()
     gc.collect()
-
-
-def write_gguf(path, state: dict[str, torch.Tensor], quant: str) -> None:
-    """The block weights quantised to ``quant`` (as ComfyUI-GGUF's converter would), everything else float32."""
-    import gguf
-
-    qtype = gguf.GGMLQuantizationType[quant]
-    writer = gguf.GGUFWriter(str(path), arch="flux")
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    for key, tensor in state.items():
-        data = tensor.float().numpy()  # one tensor at a time: the writer keeps only the packed arrays
-        if data.ndim == 2 and key.startswith(("double_blocks.", "single_blocks.")) and data.shape[1] % 32 == 0:
-            writer.add_tensor(key, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
-        else:
-            writer.add_tensor(key, data)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
 
 
 def prompt_for(loader: dict, query: str, probe: dict) -> dict:

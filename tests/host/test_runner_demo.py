@@ -17,7 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from comfy_host import COMFYUI_PYTHON, COMFYUI_ROOT, REPO_ROOT
+from gguf_files import write_gguf
 from PIL import Image, ImageDraw
+from safetensors.torch import load_file
 
 RUNNER = REPO_ROOT / "scripts" / "run_analogy.py"
 WORKFLOW = REPO_ROOT / "example_workflows" / "lorweb_analogy_flux_kontext.json"
@@ -125,27 +127,6 @@ def test_skip_existing_picks_up_a_stopped_run(tmp_path, demo_cache, b_folder, on
     assert "nothing to do" in again.stdout and "wrote" not in again.stdout
 
 
-def _write_gguf(safetensors_path: Path, gguf_path: Path) -> None:
-    """The demo Flux as a GGUF file (arch "flux"; block matrices Q8_0, the rest F16/F32), for city96's
-    UnetLoaderGGUF: a quantized Kontext as users have it (test_quantized_flux.py checks the numbers)."""
-    import gguf
-    import torch
-    from safetensors.torch import load_file
-
-    writer = gguf.GGUFWriter(str(gguf_path), arch="flux")
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    q8 = gguf.GGMLQuantizationType.Q8_0
-    for key, tensor in load_file(str(safetensors_path)).items():
-        if tensor.ndim == 2 and key.startswith(("double_blocks.", "single_blocks.")) and tensor.shape[1] % 32 == 0:
-            writer.add_tensor(key, gguf.quants.quantize(tensor.float().numpy(), q8), raw_dtype=q8)
-            continue
-        writer.add_tensor(key, tensor.to(torch.float16 if tensor.ndim > 1 else torch.float32).numpy())
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-
-
 def _gguf_workflow(path: Path) -> None:
     """The example workflow with UNETLoader swapped for UnetLoaderGGUF (its one widget: the file name)."""
     workflow = json.loads(WORKFLOW.read_text(encoding="utf-8"))
@@ -159,7 +140,8 @@ def _gguf_workflow(path: Path) -> None:
 def test_custom_nodes_run_a_gguf_workflow(tmp_path, demo_cache, one_process):
     models = tmp_path / "gguf_models"
     models.mkdir()
-    _write_gguf(Path(demo_cache) / "diffusion_models" / "lorweb-demo-flux.safetensors", models / "tiny-flux.gguf")
+    demo_flux = load_file(str(Path(demo_cache) / "diffusion_models" / "lorweb-demo-flux.safetensors"))
+    write_gguf(models / "tiny-flux.gguf", demo_flux)  # block weights in Q8_0, as users have a quantized Kontext
     paths = tmp_path / "extra_model_paths.yaml"
     paths.write_text(f"gguf_test:\n    diffusion_models: {models}\n", encoding="utf-8")
     workflow = tmp_path / "gguf_workflow.json"
