@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import yaml
+from tolerances import assert_reordered_close
 from train_testing import tiny_flux
 
 import lorweb_ops
@@ -165,7 +166,9 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         hooked(x, sigma, context, y=pooled, guidance=guidance, ref_latents=[reference]).square().mean().backward()
         injector.clear_mix()
         gradients.append(torch.cat([p.grad.flatten() for p in basis.parameters()]))
-    torch.testing.assert_close(gradients[0], gradients[1], atol=1e-6, rtol=1e-5)
+    # the recompute repeats the same operations; at most the kernels' summation order may differ (2 samples of
+    # 16 noise + 16 reference + 6 text tokens summed into each weight gradient)
+    assert_reordered_close(gradients[1], gradients[0], 2 * (16 + 16 + 6), "checkpointed gradients")
 
 
 def test_flow_matching_loss_by_hand():
