@@ -9,6 +9,7 @@ import pytest
 import torch
 from lorweb_testing import GOLDEN_CKPT, golden_tensors
 from PIL import Image
+from tolerances import reordered_sum_tolerance
 
 import lorweb_ops
 from lorweb_ops import LoRWeBError, MixWeights
@@ -148,7 +149,9 @@ def test_top_k_keeps_the_largest_and_renormalises(first):
         smallest = torch.argmin(c)
         expected = c.clone()
         expected[smallest] = 0
-        torch.testing.assert_close(two.coefficients[module], expected / expected.sum(), rtol=0, atol=1e-7)
+        # the renormalising sum may add in another order: weights <= 1, the reordering bound of K terms
+        bound = reordered_sum_tolerance(c.numel(), 1.0)
+        torch.testing.assert_close(two.coefficients[module], expected / expected.sum(), rtol=0, atol=bound)
     assert lorweb_ops.adjust_mix(first, top_k=3) is first  # keeping all K is no change at all
 
 
@@ -166,7 +169,8 @@ def test_override_sets_a_weight_before_normalisation(first):
     for module in first.modules:
         c = first.coefficients[module].clone()
         c[0] = 1.0
-        torch.testing.assert_close(adjusted.coefficients[module], c / c.sum(), rtol=0, atol=1e-7)
+        bound = reordered_sum_tolerance(c.numel(), 1.0)  # the sum may add in another order; weights <= 1
+        torch.testing.assert_close(adjusted.coefficients[module], c / c.sum(), rtol=0, atol=bound)
     only_two = lorweb_ops.adjust_mix(first, overrides={0: 0.0, 1: 0.0})
     for module in first.modules:
         assert only_two.coefficients[module].tolist() == [0.0, 0.0, 1.0]
