@@ -8,7 +8,7 @@ One start-up for everything that runs the pack outside ComfyUI's ``main.py``: th
     load_nodes(stand_in, packs={PACK_DIR: "LoRWeB_LoadBasis"})
     outputs = run_prompt(make_executor(stand_in), prompt)
 
-Works with ComfyUI 0.3.64 and 0.8.0. Nothing here imports the pack; ComfyUI is imported only by the functions.
+Works with ComfyUI 0.3.64, 0.8.0 and 0.33. Nothing here imports the pack; ComfyUI is imported only by the functions.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import importlib
-import inspect
 import itertools
 import sys
 import uuid
@@ -149,14 +148,29 @@ def load_nodes(
     return nodes
 
 
+class ClassicCacheLimits(dict):
+    """The cache limits ``main.py --cache-classic`` hands the executor: 0 for every one (no LRU size, no RAM
+    headroom). A mapping, not a list of keys, so a ComfyUI that reads one more limit gets main.py's 0 for it too
+    (0.8.0 reads "lru" and "ram"; 0.33 also "ram_inactive")."""
+
+    def __missing__(self, key: str) -> int:
+        return 0
+
+
 def make_executor(stand_in: HeadlessServer):
-    """ComfyUI's PromptExecutor with the classic cache (models stay loaded between prompts)."""
+    """ComfyUI's PromptExecutor as ``main.py --cache-classic`` builds it (models stay loaded between prompts).
+
+    ComfyUI 0.8.0 and newer take ``cache_args``; 0.3.64 took ``cache_size`` (main.py passes ``--cache-lru``, 0).
+    """
     import execution
 
     cache = execution.CacheType.CLASSIC
-    if "cache_args" in inspect.signature(execution.PromptExecutor).parameters:  # 0.8.0
-        return execution.PromptExecutor(stand_in, cache_type=cache, cache_args={"lru": 0, "ram": 0})
-    return execution.PromptExecutor(stand_in, cache_type=cache)  # 0.3.64
+    try:
+        return execution.PromptExecutor(stand_in, cache_type=cache, cache_args=ClassicCacheLimits())
+    except TypeError as error:
+        if "cache_args" not in str(error):
+            raise
+        return execution.PromptExecutor(stand_in, cache_type=cache, cache_size=0)  # 0.3.64
 
 
 class PromptRejected(Exception):
