@@ -90,10 +90,21 @@ def _differentiable_rope(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Te
 
 
 def use_differentiable_rope() -> Callable[[], None]:
-    """ComfyUI 0.8's Flux attention calls comfy_kitchen's fused RoPE, which has no backward. Training needs
-    gradients through attention, so swap in the same rotation in plain torch; returns the undo."""
+    """Training needs gradients through attention, but ComfyUI's Flux attention calls comfy_kitchen's fused RoPE,
+    which has no backward. ComfyUI 0.33 has the switch its own trainer (TrainLoraNode) sets for this,
+    ``comfy.model_management.in_training``, which routes RoPE through plain torch: set it. 0.8.0 calls the fused op
+    directly: swap in the same rotation in plain torch. Returns the undo."""
     import comfy.ldm.flux.math as flux_math
+    import comfy.model_management
 
+    if hasattr(comfy.model_management, "in_training"):
+        previous = comfy.model_management.in_training
+        comfy.model_management.in_training = True
+
+        def leave_training() -> None:
+            comfy.model_management.in_training = previous
+
+        return leave_training
     original = flux_math.apply_rope
     if not getattr(original, "__module__", "").startswith("comfy_kitchen"):
         return lambda: None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +32,13 @@ HOST_SUMMARY = pytest.StashKey[list]()
 def _prefix_of(python: str) -> str:
     result = subprocess.run([python, "-c", "import sys; print(sys.prefix)"], capture_output=True, text=True, check=True)
     return os.path.realpath(result.stdout.strip())
+
+
+def comfyui_version() -> tuple[int, ...]:
+    """The version of the ComfyUI under test (``$COMFYUI_ROOT/comfyui_version.py``), e.g. (0, 33, 0)."""
+    text = (Path(COMFYUI_ROOT) / "comfyui_version.py").read_text()
+    version = re.search(r'__version__\s*=\s*"([0-9.]+)"', text).group(1)
+    return tuple(int(part) for part in version.split(".")[:3])
 
 
 def inside_comfyui_python() -> bool:

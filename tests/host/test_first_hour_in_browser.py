@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from browser import find_chromium, open_page
-from comfy_host import PACK_LINK_NAME, REPO_ROOT
+from comfy_host import PACK_LINK_NAME, REPO_ROOT, comfyui_version
 from comfy_server import get_json, post_json, running_server
 from workflow_testing import FORWARD, INPUT_IMAGES, LORA_FILES, MODEL_FILES, WORKFLOWS, load_example, ui_to_api
 
@@ -33,10 +33,7 @@ LORA_LOADER = "LoRWeB_LoraSetAddLoRA"
 def model_loaders(workflow: str) -> set[str]:
     """The nodes a queue-time check names for missing model files. 0.3.64 does not check the values of V3 combo
     inputs when a prompt is queued (the LoRA Set node's file list is one), so there it names the LoRA at run time."""
-    import comfyui_version
-
-    version = tuple(int(part) for part in comfyui_version.__version__.split(".")[:3])
-    checks_v3_combos = version >= (0, 8, 0)
+    checks_v3_combos = comfyui_version() >= (0, 8, 0)
     return MODEL_LOADERS | ({LORA_LOADER} if "and_lora" in workflow and checks_v3_combos else set())
 
 

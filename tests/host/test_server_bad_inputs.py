@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from comfy_host import HOST_DIR, SUPPORT_LINK_NAME
+from comfy_host import HOST_DIR, SUPPORT_LINK_NAME, comfyui_version
 from comfy_server import get_json, make_base, post_json, running_server
 from host_graphs import GOLDEN_FLUX, clip_analogy, golden_analogy, graph
 from lorweb_testing import GOLDEN_CKPT, random_basis_tensors, write_ai_toolkit_config, write_safetensors
@@ -292,12 +292,9 @@ def test_a_missing_config_is_named_once(server):
     """Load LoRA Basis validates only basis_name (one message per problem), so the config name meets ComfyUI's own
     list check: 0.8.0 refuses it when queued; 0.3.64 checks only V1-style combos there, so the node stops the run
     with its own message, before any weight is touched."""
-    import comfyui_version
-
     url, base = server
     status, message = queue(url, graph(flux(base), golden_analogy(), config="nope.yaml"))
-    version = tuple(int(part) for part in comfyui_version.__version__.split(".")[:3])
-    if version >= (0, 8, 0):
+    if comfyui_version() >= (0, 8, 0):
         assert status == "rejected" and message.count("config: 'nope.yaml' not in") == 1, (status, message)
     else:
         assert status == "error", (status, message)
