@@ -97,18 +97,39 @@ async def _missing_models_dialog(url: str, base: Path, screenshots: bool = True)
             f"fetch({json.dumps(template)}).then(r => r.json())"
             f".then(w => window.app.loadGraphData(w, true, true, {json.dumps(FORWARD)}))"
         )
-        try:
-            await page.wait_for("document.querySelector('.comfy-missing-models')", timeout=15)
-        except TimeoutError:
+        found = await _missing_models_text(page)
+        if found is None:
             return None, list(page.errors)
-        await asyncio.sleep(1.0)
-        text = await page.evaluate("document.querySelector('.comfy-missing-models').innerText")
         if screenshots:
             await page.screenshot(base / "missing_models_dialog.png")
             await page.evaluate("document.querySelectorAll('.p-dialog-close-button').forEach(b => b.click())")
             await _show_whole_graph(page)
             await page.screenshot(base / "template_graph.png")
-        return text, list(page.errors)
+        return found, list(page.errors)
+
+
+#: the front end's ways of offering missing model files: the Missing Models dialog (front end 1.35 and older,
+#: ComfyUI 0.8.0 / 0.3.64), and the error overlay's "View details" into the Errors tab's Missing Models list
+#: (front end 1.48, ComfyUI 0.33)
+_OLD_DIALOG = "document.querySelector('.comfy-missing-models')"
+_VIEW_DETAILS = "Array.from(document.querySelectorAll('button')).find(b => b.innerText.trim() === 'View details')"
+
+
+async def _missing_models_text(page) -> tuple[str, str] | None:
+    """(which UI, its text) of the missing-model offer the front end shows, or None when it shows none in 15 s."""
+    try:
+        await page.wait_for(f"Boolean({_OLD_DIALOG} || {_VIEW_DETAILS})", timeout=15)
+    except TimeoutError:
+        return None
+    await asyncio.sleep(1.0)
+    if await page.evaluate(f"Boolean({_OLD_DIALOG})"):
+        return "dialog", await page.evaluate(f"{_OLD_DIALOG}.innerText")
+    await page.evaluate(f"(() => {{ {_VIEW_DETAILS}.click(); return true; }})()")
+    await asyncio.sleep(2.0)
+    text = await page.evaluate("document.body.innerText")
+    if "Missing Models" not in text:
+        return None  # other errors only
+    return "errors tab", text[text.index("Missing Models") :]
 
 
 async def _show_whole_graph(page) -> None:
@@ -161,10 +182,18 @@ def test_with_the_model_files_in_place_the_template_is_accepted(first_hour, name
 
 
 def test_the_missing_models_dialog_offers_all_six_files(first_hour):
-    text = first_hour["dialog"]
-    assert text is not None, f"no Missing Models dialog; page errors: {first_hour['errors']}"
+    """0.8.0 / 0.3.64: the Missing Models dialog lists "folder / file" with Download. 0.33 (front end 1.48): the
+    error overlay's View details opens the Errors tab, whose Missing Models list has each file, its folder and a
+    Download button."""
+    found = first_hour["dialog"]
+    assert found is not None, f"no missing-model offer; page errors: {first_hour['errors']}"
+    ui, text = found
+    assert ui == ("errors tab" if comfyui_version() >= (0, 33, 0) else "dialog"), (ui, text)
     for file_name, folder in MODEL_FILES.items():
-        assert f"{folder} / {file_name}" in text, (file_name, text)
+        if ui == "dialog":
+            assert f"{folder} / {file_name}" in text, (file_name, text)
+        else:
+            assert f"{file_name}\n{folder}\nDownload" in text, (file_name, text)
     for refusal in ("Invalid directory", "Download not allowed", "Only allowed suffixes"):
         assert refusal not in text, text
     assert (first_hour["base"] / "template_graph.png").stat().st_size > 10_000
