@@ -24,7 +24,7 @@ from lorweb_ops.basis import load_basis
 from lorweb_ops.errors import LoRWeBError
 
 from .backend import FluxBackend, make_backend
-from .basis_module import TrainableBasis, network_from_basis, save_basis
+from .basis_module import TrainableBasis, init_generator, network_from_basis, save_basis
 from .cache import GRID_ORDER, CachedExample, CachedExamples, build_cache, cached_shapes, load_empty_text
 from .config import TrainingConfig, dump_config
 from .data import read_dataset
@@ -124,7 +124,8 @@ class Trainer:
         query_dim = self.embed_dim * (3 if network.query_mode == "cat-aa'b" else 1)
         if init is not None:
             self._check_init_fits(init, model_shapes, names, query_dim)
-        basis = TrainableBasis({name: model_shapes[name] for name in names}, network, query_dim)
+        shapes = {name: model_shapes[name] for name in names}
+        basis = TrainableBasis(shapes, network, query_dim, init_generator(config.seed))
         if init is not None:
             basis.load_from_basis(init)
         basis.to(self.device)

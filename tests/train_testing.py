@@ -150,8 +150,10 @@ class TinyFlux(nn.Module):
 
 
 def tiny_flux(seed: int = 0, **shape) -> TinyFlux:
-    torch.manual_seed(seed)
-    return TinyFlux(**shape)
+    """The tiny model's weights from ``seed``, leaving torch's global RNG as it was (so it cannot seed the basis)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return TinyFlux(**shape)
 
 
 def pixel_latents(images: torch.Tensor) -> torch.Tensor:
