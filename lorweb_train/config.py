@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
+import tempfile
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any
 
@@ -19,6 +21,8 @@ from lorweb_ops.errors import LoRWeBError
 #: query modes whose query is built from per-image embeddings (the cache holds E(a), E(a'), E(b), E(b'))
 TRAINABLE_QUERY_MODES = ("cat-aa'b", "ca'-ca", "ca'-ca+cb")
 DATA_LAYOUTS = ("auto", "reference", "quadruplets", "pairs")
+#: ``name`` becomes file names inside output_dir: one plain file-name part, nothing that could leave the folder
+_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 
 
 @dataclass
@@ -220,6 +224,44 @@ def validate(config: TrainingConfig, source: str) -> None:
             raise LoRWeBError(f"{source}: {message}.")
     if not data.path:
         raise LoRWeBError(f"{source}: data.path is empty. Set it to the folder of your training data.")
+    _check_name(config.name, source)
+    _check_output_dir(config.output_dir, source)
+
+
+def _check_name(name: str, source: str) -> None:
+    """``name`` is joined to output_dir for every file the run writes, so it must stay one plain file name."""
+    if not _NAME_PATTERN.fullmatch(name) or ".." in name:
+        raise LoRWeBError(
+            f"{source}: name {name[:120]!r} cannot be a file name in output_dir: use 1-100 letters, digits, '_', "
+            "'-' or '.', starting with a letter or digit (no path separators, no '..'). Put folders in output_dir."
+        )
+
+
+def _check_output_dir(output_dir: str, source: str) -> None:
+    """An output_dir that is a file, or lies under one, is refused at load (writability is probed before training)."""
+    if not output_dir:
+        raise LoRWeBError(f"{source}: output_dir is empty. Set it to the folder the basis should be written to.")
+    path = os.path.abspath(output_dir)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)  # the nearest part that exists must be a folder
+    if not os.path.isdir(path):
+        raise LoRWeBError(
+            f"{source}: output_dir {output_dir!r} cannot be a folder: {path} is a file. Choose another output_dir."
+        )
+
+
+def prepare_output_dir(folder: str, what: str = "output_dir") -> None:
+    """Create ``folder`` and write and remove a probe file in it, so an unwritable folder (permissions, a read-only
+    or full disk) is a message before any model is loaded, not a traceback at the first checkpoint."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write_probe_"):
+            pass
+    except OSError as error:
+        raise LoRWeBError(
+            f"{what} {folder} is not writable ({error.strerror or error}). Choose a folder you can write to "
+            "(and with free space), or fix its permissions."
+        ) from None
 
 
 def dump_config(config: TrainingConfig, path: str) -> None:

@@ -26,7 +26,7 @@ from lorweb_ops.errors import LoRWeBError
 from .backend import FluxBackend, make_backend
 from .basis_module import TrainableBasis, init_generator, network_from_basis, save_basis
 from .cache import GRID_ORDER, CachedExample, CachedExamples, build_cache, cached_shapes, load_empty_text
-from .config import TrainingConfig, dump_config
+from .config import TrainingConfig, dump_config, prepare_output_dir
 from .data import read_dataset
 from .injection import BasisInjector, disable_gradient_checkpointing, enable_gradient_checkpointing, flux_module_shapes
 from .loss import draw_noise, flow_matching_loss, noisy_latents, sigmas_for
@@ -53,6 +53,8 @@ class Trainer:
         from accelerate import Accelerator
 
         self.config = config
+        prepare_output_dir(config.output_dir)  # before any model is loaded: an unwritable folder fails now
+        prepare_output_dir(config.cache_dir, "data.cache_dir")
         self.accelerator = accelerator or Accelerator(
             cpu=not torch.cuda.is_available(),  # without it accelerate ignores a multi-process CPU launch
             mixed_precision=config.train.mixed_precision,
