@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.nn.utils import skip_init
 
-from lorweb_ops.basis import LoraBasis
+from lorweb_ops.basis import TRAINER_SOFTWARE, LoraBasis
 from lorweb_ops.config import BasisSettings
 from lorweb_ops.errors import LoRWeBError
 from lorweb_ops.mixing import coefficients_from_projected
@@ -174,15 +174,33 @@ def ai_toolkit_config(name: str, basis: TrainableBasis, extra_train: dict | None
     }
 
 
+def check_finite_tensors(tensors: dict[str, torch.Tensor], what: str) -> None:
+    """Refuse to write NaN/Inf: a broken basis must never reach a file (one reduction per tensor, max propagates)."""
+    bad = [name for name, tensor in tensors.items() if not torch.isfinite(tensor.float().abs().amax())]
+    if bad:
+        raise LoRWeBError(
+            f"{what} holds NaN or Inf values ({len(bad)} tensors, e.g. {bad[0]}), so it was not saved; the last "
+            "saved basis and checkpoint are kept. The training diverged: lower train.lr, check the data, or use "
+            "train.save_dtype float32 or bfloat16 if the values only overflow float16."
+        )
+
+
 def save_basis(basis: TrainableBasis, path: str, name: str, *, dtype: torch.dtype = torch.float16, step: int = 0,
                extra_train: dict | None = None) -> str:  # fmt: skip
     """Write ``path`` (safetensors) and ``config.yaml`` beside it, each through a temporary file (no torn files)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    metadata = {"format": "pt", "name": name, "version": "1.0", "training_info": f'{{"step": {step}}}'}
+    metadata = {"format": "pt", "name": name, "version": "1.0", "training_info": f'{{"step": {step}}}',
+                "software": TRAINER_SOFTWARE}  # fmt: skip
+    tensors = basis.released_state_dict(dtype)
+    check_finite_tensors(tensors, f"the basis at step {step} (as {str(dtype).removeprefix('torch.')})")
     temporary = path + ".tmp"
-    save_file(basis.released_state_dict(dtype), temporary, metadata=metadata)
-    os.replace(temporary, path)
+    try:
+        save_file(tensors, temporary, metadata=metadata)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):  # a failed write (full disk) leaves no half file behind
+            os.remove(temporary)
     config_path = os.path.join(folder, "config.yaml")
     with open(config_path + ".tmp", "w", encoding="utf-8") as handle:
         yaml.safe_dump(ai_toolkit_config(name, basis, extra_train), handle, sort_keys=False)

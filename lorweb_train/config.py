@@ -265,5 +265,6 @@ def prepare_output_dir(folder: str, what: str = "output_dir") -> None:
 
 
 def dump_config(config: TrainingConfig, path: str) -> None:
-    with open(path, "w", encoding="utf-8") as handle:
+    with open(path + ".tmp", "w", encoding="utf-8") as handle:  # whole or not at all
         yaml.safe_dump(config.as_dict(), handle, sort_keys=False)
+    os.replace(path + ".tmp", path)

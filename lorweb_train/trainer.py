@@ -34,6 +34,13 @@ from .plot import write_loss_plot
 
 _SAVE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _EMBEDDING_NAMES = ("a", "a_prime", "b", "b_prime")
+_MAX_SKIPPED_STEPS = 25  # fp16 overflow skips in a row before the run counts as diverged
+
+
+def _all_finite(tensors) -> bool:
+    """One device sync for all tensors (the maximum propagates NaN and Inf)."""
+    maxima = [t.detach().abs().amax().float() for t in tensors]
+    return not maxima or bool(torch.isfinite(torch.stack(maxima)).all())
 
 
 @dataclass
@@ -78,6 +85,7 @@ class Trainer:
         self.losses: list[tuple[int, float]] = []
         self.validation_losses: list[tuple[int, float]] = []
         self.step = 0
+        self.skipped_in_a_row = 0
 
     # ----------------------------------------------------------------------------------------------- setup
     def _prepare_data(self) -> None:
@@ -282,13 +290,40 @@ class Trainer:
                 self.accelerator.backward(loss)
                 self.injector.clear_mix()
                 total = total + loss.detach()
+        loss = float(self.accelerator.reduce(total, reduction="mean"))  # the same on every process
+        if not math.isfinite(loss):
+            self._diverged(f"the loss is {loss}")
         if train.max_grad_norm > 0:
             self.accelerator.clip_grad_norm_(self.model.parameters(), train.max_grad_norm)
-        self.optimizer.step()
+        fp16 = self.accelerator.mixed_precision == "fp16"
+        if not fp16 and not _all_finite(p.grad for p in self.basis.parameters() if p.grad is not None):
+            self._diverged("the gradients hold NaN or Inf values")
+        self.optimizer.step()  # fp16: accelerate's grad scaler skips a step whose gradients overflowed
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return float(self.accelerator.reduce(total, reduction="mean"))
+        if fp16 and self.accelerator.optimizer_step_was_skipped:
+            self._skipped_step()
+        else:
+            self.skipped_in_a_row = 0
+        if not _all_finite(self.basis.parameters()):
+            self._diverged("the basis parameters became NaN or Inf after the update")
+        return loss
+
+    def _skipped_step(self) -> None:
+        """fp16 overflow: the scaler lowers its scale and the step is skipped; endless overflow is divergence."""
+        self.skipped_in_a_row += 1
+        self.accelerator.print(f"step {self.step}: fp16 gradients overflowed; the update was skipped (scale lowered)")
+        if self.skipped_in_a_row >= _MAX_SKIPPED_STEPS:
+            self._diverged(f"{_MAX_SKIPPED_STEPS} fp16 steps in a row overflowed")
+
+    def _diverged(self, what: str) -> None:
+        """Stop before anything is saved: the last checkpoint written stays the newest good one."""
+        raise LoRWeBError(
+            f"the training diverged at step {self.step + 1}: {what}. Nothing was saved for this step; the last "
+            f"checkpoint in {self.checkpoint_root} is kept. Lower train.lr (now {self.config.train.lr:g}), check "
+            "the data and encoders, or use train.mixed_precision bf16, and start again (or --resume)."
+        )
 
     @torch.no_grad()
     def validation_loss(self, files: list[str] | None = None) -> torch.Tensor:
@@ -404,6 +439,13 @@ class Trainer:
         Written to ``step_N.tmp`` and renamed when complete, so an interrupted save never replaces a good one.
         """
         accelerator = self.accelerator
+        dtype = _SAVE_DTYPES[self.config.train.save_dtype]  # a value can be finite in fp32 and overflow fp16
+        if not _all_finite(p.detach().to(dtype) for p in self.basis.parameters()):  # never a NaN/Inf checkpoint
+            raise LoRWeBError(
+                f"the basis at step {self.step} holds NaN or Inf values as {self.config.train.save_dtype}, so no "
+                f"checkpoint was written; the last one in {self.checkpoint_root} is kept. The training diverged: "
+                "lower train.lr and check the data (or use train.save_dtype float32 if it only overflows float16)."
+            )
         final = self.checkpoint_root / f"step_{self.step:08d}"
         temporary = final.with_name(final.name + ".tmp")
         if accelerator.is_main_process:

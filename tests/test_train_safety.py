@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file, save_file
 from train_testing import environment_with_paths, training_config, write_quadruplets
 
 from lorweb_ops.errors import LoRWeBError
@@ -98,3 +99,73 @@ def test_the_cli_refuses_a_name_outside_output_dir_and_writes_nothing_there(tmp_
     config = training_config(tmp_path, tmp_path / "data", name="../escaped")
     assert_refused(run_cli(tmp_path, config), "cannot be a file name in output_dir")
     assert not list(tmp_path.rglob("escaped*")) and not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------------ never a broken basis
+def no_broken_files(folder: Path) -> list[Path]:
+    """Every basis / checkpoint tensor file under ``folder``; each must load and hold only finite values."""
+    files = sorted(folder.rglob("*.safetensors"))
+    for file in files:
+        for name, tensor in load_file(str(file)).items():
+            assert bool(torch.isfinite(tensor.float()).all()), f"{file}: {name} holds NaN/Inf"
+    assert not list(folder.rglob("*.tmp")), "a half-written file was left behind"
+    return files
+
+
+def test_nan_text_encodings_stop_at_the_cache_naming_the_encoder_and_file(tmp_path):
+    write_quadruplets(tmp_path / "data", 1, seed=1)
+    config = training_config(tmp_path, tmp_path / "data", model={"backend_options": {"seed": 0, "nan_text": True}})
+    result = run_cli(tmp_path, config)
+    assert_refused(result, "the text encoder (model.t5xxl, model.clip_l)")
+    assert "returned NaN or Inf for example" in result.stderr and "000_a.png" in result.stderr
+    assert not list((tmp_path / "out").glob("*.safetensors"))
+    no_broken_files(tmp_path / "out")
+
+
+def test_a_diverging_run_stops_with_a_message_and_writes_no_nan_file(tmp_path):
+    """lr 1e30: the first update is finite in float32 but overflows float16 (the save dtype), later ones NaN."""
+    write_quadruplets(tmp_path / "data", 2, seed=1)
+    config = training_config(tmp_path, tmp_path / "data", train={"steps": 6, "lr": 1e30, "save_every": 1})
+    result = run_cli(tmp_path, config)
+    assert_refused(result, "NaN or Inf")
+    assert "diverged" in result.stderr and "lower train.lr" in result.stderr
+    no_broken_files(tmp_path / "out")
+
+
+def test_a_diverging_run_keeps_the_last_good_checkpoint(tmp_path):
+    """Good steps first (checkpointed), then the loss goes NaN: the run stops, the good checkpoint stays newest."""
+    write_quadruplets(tmp_path / "data", 2, seed=1)
+    config = config_from_mapping(training_config(tmp_path, tmp_path / "data", train={"steps": 6, "save_every": 2}),
+                                 "yaml")  # fmt: skip
+    trainer = Trainer(config)
+
+    def poison(trainer: Trainer) -> None:
+        if trainer.step == 3:  # as a bad batch would: the next loss is NaN
+            with torch.no_grad():
+                next(iter(trainer.basis.parameters())).fill_(float("nan"))
+
+    with pytest.raises(LoRWeBError, match="diverged"):
+        trainer.train(on_step_end=poison)
+    assert trainer.latest_checkpoint().name == "step_00000002"
+    files = no_broken_files(tmp_path / "out")
+    assert any(f.name == "tiny_basis.safetensors" for f in files)
+
+
+def test_the_loader_says_whether_a_nan_basis_was_trained_here_or_downloaded(tmp_path):
+    import lorweb_ops
+    from lorweb_ops.basis import TRAINER_SOFTWARE
+
+    module = "transformer.transformer_blocks.0.attn.to_q"
+    tensors = {
+        f"{module}.lora_A": torch.full((2, 4, 1), float("nan")),
+        f"{module}.lora_B": torch.zeros(2, 1, 4),
+        f"{module}.lora_keys": torch.zeros(2, 3),
+        f"{module}.att_lora_to_q.weight": torch.zeros(3, 6),
+    }
+    trained, downloaded = tmp_path / "trained.safetensors", tmp_path / "downloaded.safetensors"
+    save_file(tensors, str(trained), metadata={"software": TRAINER_SOFTWARE, "training_info": '{"step": 40}'})
+    save_file(tensors, str(downloaded), metadata={"training_info": '{"step": 40}'})
+    with pytest.raises(LoRWeBError, match=r"written by this pack's trainer .*step.*40.*diverged.*lower train.lr"):
+        lorweb_ops.load_basis(trained, use_cache=False)
+    with pytest.raises(LoRWeBError, match="corrupted. Download it again"):
+        lorweb_ops.load_basis(downloaded, use_cache=False)

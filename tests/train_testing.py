@@ -197,8 +197,17 @@ def tiny_backend(model_config, device):
 
     options = dict(model_config.backend_options or {})
     seed = int(options.pop("seed", 0))
+    nan_text = bool(options.pop("nan_text", False))  # a text encoder gone wrong (e.g. CLIP-L in T5's place)
     model = tiny_flux(seed, **options).to(device)
-    return FluxBackend(model, pixel_latents, CharacterText(), tiny_clip_embedder(), "tiny-flux-test", image_size=224)
+    text = CharacterText()
+    if nan_text:
+        plain = text
+
+        def text(texts):
+            context, pooled = plain(texts)
+            return context * float("nan"), pooled
+
+    return FluxBackend(model, pixel_latents, text, tiny_clip_embedder(), "tiny-flux-test", image_size=224)
 
 
 # ----------------------------------------------------------------------------------------------- synthetic data
