@@ -37,7 +37,13 @@ def main(argv: list[str] | None = None) -> int:
         if not separator:
             print(f"--set {item!r}: write KEY=VALUE, e.g. train.steps=100", file=sys.stderr)
             return 2
-        overrides[key.strip()] = yaml.safe_load(value)
+        try:
+            overrides[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as error:
+            problem = str(getattr(error, "problem", "") or error)[:120]
+            print(f"LoRWeB training: --set {item[:120]!r}: the value is not readable YAML ({problem}). "
+                  "Quote it or write a plain number/word, e.g. train.steps=100.", file=sys.stderr)  # fmt: skip
+            return 2
     if args.init:
         overrides["model.init"] = args.init
     try:

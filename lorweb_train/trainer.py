@@ -37,6 +37,16 @@ _EMBEDDING_NAMES = ("a", "a_prime", "b", "b_prime")
 _MAX_SKIPPED_STEPS = 25  # fp16 overflow skips in a row before the run counts as diverged
 
 
+def _memory_bytes(device: torch.device) -> int:
+    """Total memory of the device the basis lives on (physical RAM for the CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # no sysconf (Windows): assume a generous 64 GiB
+        return 64 * 2**30
+
+
 def _all_finite(tensors) -> bool:
     """One device sync for all tensors (the maximum propagates NaN and Inf)."""
     maxima = [t.detach().abs().amax().float() for t in tensors]
@@ -135,6 +145,7 @@ class Trainer:
         if init is not None:
             self._check_init_fits(init, model_shapes, names, query_dim)
         shapes = {name: model_shapes[name] for name in names}
+        self._check_basis_memory(shapes, network, query_dim)
         basis = TrainableBasis(shapes, network, query_dim, init_generator(config.seed))
         if init is not None:
             basis.load_from_basis(init)
@@ -146,6 +157,18 @@ class Trainer:
         optimizer = self._optimizer(basis)
         scheduler = self._scheduler(optimizer)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(basis, optimizer, scheduler)
+
+    def _check_basis_memory(self, shapes: dict, network, query_dim: int) -> None:
+        """Before allocating: the basis' fp32 values, gradients and two AdamW states must fit the machine."""
+        k, r, keys = network.num_loras, network.rank, network.keys_dim
+        values = sum(k * (i * r + r * o + keys) + keys * query_dim for i, o in shapes.values())
+        needed, available = 16 * values, _memory_bytes(self.device)
+        if needed > available:
+            raise LoRWeBError(
+                f"the basis (K = {k}, rank {r}, keys {keys}, {len(shapes)} modules) needs about "
+                f"{needed / 2**30:.1f} GiB for its values, gradients and optimiser states, more than the "
+                f"{available / 2**30:.1f} GiB of {self.device}. Lower network.num_loras, rank or keys_dim."
+            )
 
     def _check_init_fits(self, init, model_shapes, names, query_dim) -> None:
         for name in names:

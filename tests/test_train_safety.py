@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
-from train_testing import environment_with_paths, training_config, write_quadruplets
+from train_testing import environment_with_paths, png_header_only, training_config, write_quadruplets
 
 from lorweb_ops.errors import LoRWeBError
 from lorweb_train import config as config_module
@@ -169,3 +169,57 @@ def test_the_loader_says_whether_a_nan_basis_was_trained_here_or_downloaded(tmp_
         lorweb_ops.load_basis(trained, use_cache=False)
     with pytest.raises(LoRWeBError, match="corrupted. Download it again"):
         lorweb_ops.load_basis(downloaded, use_cache=False)
+
+
+# ------------------------------------------------------------------------------------------------ hostile values
+HUGE = 10**6
+
+
+@pytest.mark.parametrize(
+    "sections, message",
+    [
+        ({"train": {"lr": float("inf")}}, "train.lr must be a positive finite number"),
+        ({"train": {"lr": float("nan")}}, "train.lr must be a positive finite number"),
+        ({"train": {"lr": 0}}, "train.lr must be a positive finite number"),
+        ({"train": {"betas": [float("nan"), 0.99]}}, "train.betas must be two numbers within 0..1"),
+        ({"train": {"betas": [0.9, 1.0]}}, "train.betas must be two numbers within 0..1"),
+        ({"train": {"weight_decay": -0.1}}, "train.weight_decay must be >= 0"),
+        ({"network": {"rank": HUGE}}, "rank <= 256"),
+        ({"network": {"num_loras": HUGE}}, "num_loras must be <= 1024"),
+        ({"network": {"keys_dim": HUGE}}, "keys_dim must be <= 8192"),
+        ({"data": {"resolution": HUGE}}, "data.resolution must be at most 4096"),
+        ({"train": {"batch_size": HUGE}}, "train.batch_size must be at most 1024"),
+        ({"model": {"backend": "train_testing:failing_backend"}}, "failed while loading the model: RuntimeError"),
+    ],
+)
+def test_hostile_values_get_a_message_from_the_cli(tmp_path, sections, message):
+    write_quadruplets(tmp_path / "data", 1, seed=1)
+    assert_refused(run_cli(tmp_path, training_config(tmp_path, tmp_path / "data", **sections), timeout=120), message)
+
+
+def test_a_bad_set_value_gets_a_message(tmp_path):
+    write_quadruplets(tmp_path / "data", 1, seed=1)
+    result = run_cli(tmp_path, training_config(tmp_path, tmp_path / "data"), "--set", "train.lr=[1,")
+    assert_refused(result, "the value is not readable YAML")
+
+
+@pytest.mark.parametrize("side", [30000, 12000])  # PIL's bomb error (> 179 MP), and the pack's 64 MP bound
+def test_a_huge_image_is_named_before_it_is_decoded(tmp_path, side):
+    write_quadruplets(tmp_path / "data", 1, seed=1)
+    png_header_only(tmp_path / "data" / "000_b.png", side, side)
+    result = run_cli(tmp_path, training_config(tmp_path, tmp_path / "data"), timeout=120)
+    assert_refused(result, "000_b.png is ")
+    assert "megapixels a training image may have" in result.stderr
+
+
+def test_a_basis_too_large_for_the_machine_is_refused_before_it_is_allocated(tmp_path, monkeypatch):
+    write_quadruplets(tmp_path / "data", 1, seed=1)
+    config = config_from_mapping(training_config(tmp_path, tmp_path / "data"), "yaml")
+    monkeypatch.setattr("lorweb_train.trainer._memory_bytes", lambda device: 2**16)  # a 64 KiB machine
+
+    def no_allocation(*args, **kwargs):
+        raise AssertionError("the basis was allocated before its size was checked")
+
+    monkeypatch.setattr("lorweb_train.trainer.TrainableBasis", no_allocation)
+    with pytest.raises(LoRWeBError, match=r"needs about .* GiB .* Lower network.num_loras"):
+        Trainer(config)

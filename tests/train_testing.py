@@ -303,3 +303,21 @@ def environment_with_paths() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
     return env
+
+
+def failing_backend(model_config, device):
+    """``model.backend: train_testing:failing_backend``: a factory that fails as ComfyUI does without a GPU."""
+    raise RuntimeError("Found no NVIDIA driver on your system.")
+
+
+def png_header_only(path: Path, width: int, height: int) -> None:
+    """A PNG that declares ``width x height`` (one tiny compressed row follows): the size is all a reader sees first."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    body = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + body)
