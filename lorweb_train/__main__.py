@@ -26,6 +26,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.steps=100"
     )
+    parser.add_argument(
+        "--device", default="", help="cpu, cuda or cuda:N (default: the config's device, auto = CUDA when present)"
+    )
     return parser.parse_args(argv)
 
 
@@ -46,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     if args.init:
         overrides["model.init"] = args.init
+    if args.device:
+        overrides["device"] = args.device
     try:
         config = load_config(args.config, overrides)
         from .trainer import Trainer

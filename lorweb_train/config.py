@@ -98,6 +98,7 @@ class TrainingConfig:
     output_dir: str = "output/lorweb_basis"
     name: str = "lorweb_model"
     seed: int = 42
+    device: str = "auto"  # auto (CUDA when present, else CPU) | cpu | cuda | cuda:N
     data: DataConfig = field(default_factory=DataConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -234,6 +235,8 @@ def validate(config: TrainingConfig, source: str) -> None:
             raise LoRWeBError(f"{source}: {message}.")
     if not data.path:
         raise LoRWeBError(f"{source}: data.path is empty. Set it to the folder of your training data.")
+    if not re.fullmatch(r"auto|cpu|cuda(:[0-9]{1,3})?", config.device):
+        raise LoRWeBError(f"{source}: device {config.device[:40]!r} is not one of auto, cpu, cuda, cuda:N.")
     _check_name(config.name, source)
     _check_output_dir(config.output_dir, source)
 

@@ -37,6 +37,30 @@ _EMBEDDING_NAMES = ("a", "a_prime", "b", "b_prime")
 _MAX_SKIPPED_STEPS = 25  # fp16 overflow skips in a row before the run counts as diverged
 
 
+def resolve_device(device: str) -> str:
+    """``auto`` -> cuda when torch sees a GPU, else cpu (with a notice); cuda / cuda:N must exist (else a message).
+
+    cuda:N becomes the current CUDA device, which accelerate uses in a single process (a multi-process launch
+    gives each process its own GPU)."""
+    available = torch.cuda.is_available()
+    if device == "auto":
+        if not available:
+            print("LoRWeB training: no CUDA GPU found, training on the CPU (slow; --device cuda to require a GPU).")
+        return "cuda" if available else "cpu"
+    if device == "cpu":
+        return device
+    if not available:
+        raise LoRWeBError(
+            f"--device {device}: torch sees no CUDA GPU (torch {torch.__version__}, CUDA build "
+            f"{torch.version.cuda or 'none'}). Use --device cpu, or install a CUDA build of torch and the driver."
+        )
+    index = int(device.partition(":")[2] or torch.cuda.current_device())
+    if index >= torch.cuda.device_count():
+        raise LoRWeBError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) (cuda:0 ..).")
+    torch.cuda.set_device(index)
+    return "cuda"
+
+
 def _memory_bytes(device: torch.device) -> int:
     """Total memory of the device the basis lives on (physical RAM for the CPU)."""
     if device.type == "cuda":
@@ -72,8 +96,9 @@ class Trainer:
         self.config = config
         prepare_output_dir(config.output_dir)  # before any model is loaded: an unwritable folder fails now
         prepare_output_dir(config.cache_dir, "data.cache_dir")
+        cpu = resolve_device(config.device) == "cpu"
         self.accelerator = accelerator or Accelerator(
-            cpu=not torch.cuda.is_available(),  # without it accelerate ignores a multi-process CPU launch
+            cpu=cpu,  # without it accelerate ignores a multi-process CPU launch
             mixed_precision=config.train.mixed_precision,
             log_with=config.train.log_with or None,
             project_dir=config.output_dir,

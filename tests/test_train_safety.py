@@ -223,3 +223,24 @@ def test_a_basis_too_large_for_the_machine_is_refused_before_it_is_allocated(tmp
     monkeypatch.setattr("lorweb_train.trainer.TrainableBasis", no_allocation)
     with pytest.raises(LoRWeBError, match=r"needs about .* GiB .* Lower network.num_loras"):
         Trainer(config)
+
+
+# ------------------------------------------------------------------------------------------------ device
+def test_device_cpu_trains_and_auto_says_it_uses_the_cpu(tmp_path):
+    write_quadruplets(tmp_path / "data", 1, seed=1)
+    config = training_config(tmp_path, tmp_path / "data", train={"steps": 1, "batch_size": 2})
+    result = run_cli(tmp_path, config, "--device", "cpu")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "no CUDA GPU found" not in result.stdout and (tmp_path / "out" / "tiny_basis.safetensors").is_file()
+    result = run_cli(tmp_path / "out", config | {"output_dir": str(tmp_path / "auto")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "no CUDA GPU found, training on the CPU" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "device, message",
+    [("cuda", "torch sees no CUDA GPU"), ("cuda:1", "torch sees no CUDA GPU"), ("tpu", "is not one of")],
+)
+def test_an_unavailable_or_unknown_device_gets_a_message(tmp_path, device, message):
+    write_quadruplets(tmp_path / "data", 1, seed=1)
+    assert_refused(run_cli(tmp_path, training_config(tmp_path, tmp_path / "data"), "--device", device), message)
