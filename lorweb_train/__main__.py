@@ -32,6 +32,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _refuse_another_runs_folder(output_dir: str) -> None:
+    """A new run beside another run's checkpoints would prune them by name and mix the two on a later --resume."""
+    checkpoints = os.path.join(output_dir, "checkpoints")
+    if os.path.isdir(checkpoints) and any(n.startswith("step_") for n in os.listdir(checkpoints)):
+        raise LoRWeBError(
+            f"{output_dir} already holds another run's checkpoints ({checkpoints}). Continue that run with --resume, "
+            "or start the new one in another output_dir."
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     overrides = {}
@@ -53,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides["device"] = args.device
     try:
         config = load_config(args.config, overrides)
+        if not args.resume:
+            _refuse_another_runs_folder(config.output_dir)
         from .trainer import Trainer
 
         trainer = Trainer(config)

@@ -542,7 +542,16 @@ class Trainer:
                 f"no complete checkpoint to resume from in {self.checkpoint_root if path is None else path}. "
                 "Start without --resume, or give a checkpoints/step_N folder."
             )
-        self.accelerator.load_state(str(path))
+        try:
+            self.accelerator.load_state(str(path))
+        except RuntimeError as error:  # torch's "size mismatch for layers..." when the network differs
+            if "size mismatch" not in str(error) and "Missing key" not in str(error):
+                raise
+            raise LoRWeBError(
+                f"checkpoint {path} was trained with another network (K, rank, keys or modules) than this config's "
+                f"({self.basis.num_loras} LoRAs, rank {self.basis.rank}, keys {self.basis.keys_dim}). Resume with "
+                "the config that run used (its train_config.yaml), or start without --resume in another output_dir."
+            ) from None
         state = json.loads((path / "trainer_state.json").read_text())
         self.step = int(state["step"])
         self.losses = [tuple(x) for x in state["losses"]]

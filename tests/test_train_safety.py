@@ -244,3 +244,13 @@ def test_device_cpu_trains_and_auto_says_it_uses_the_cpu(tmp_path):
 def test_an_unavailable_or_unknown_device_gets_a_message(tmp_path, device, message):
     write_quadruplets(tmp_path / "data", 1, seed=1)
     assert_refused(run_cli(tmp_path, training_config(tmp_path, tmp_path / "data"), "--device", device), message)
+
+
+# ------------------------------------------------------------------------------------------------ another run
+def test_a_new_run_in_another_runs_folder_and_a_misfit_resume_get_messages(tmp_path):
+    write_quadruplets(tmp_path / "data", 1, seed=1)
+    config = training_config(tmp_path, tmp_path / "data", train={"steps": 1, "batch_size": 2})
+    assert run_cli(tmp_path, config).returncode == 0
+    assert_refused(run_cli(tmp_path, config), "already holds another run's checkpoints")
+    bigger = training_config(tmp_path, tmp_path / "data", network={"num_loras": 6}, train={"steps": 2})
+    assert_refused(run_cli(tmp_path, bigger, "--resume"), "was trained with another network")
