@@ -53,9 +53,21 @@ def resolve(name: str, folder: str, what: str) -> str:
     return found
 
 
+def _comfy_on_cpu() -> None:
+    """ComfyUI picks its device when comfy.model_management is first imported (``--cpu``): ask for the CPU before,
+    so a machine without a GPU does not stop at ComfyUI's "Found no NVIDIA driver". Inside a running ComfyUI the
+    choice is already made and is left alone."""
+    if "comfy.model_management" not in sys.modules:
+        import comfy.cli_args
+
+        comfy.cli_args.args.cpu = True
+
+
 def comfyui_backend(model_config, device: torch.device) -> FluxBackend:
     """Kontext (bf16 or fp8), CLIP-L + T5-XXL, the Flux VAE and CLIP ViT-L/14 vision, as users already have them."""
     ensure_comfy(model_config.comfyui_root)
+    if device.type == "cpu":
+        _comfy_on_cpu()
     import comfy.clip_vision
     import comfy.sd
     import comfy.utils

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from .checks import show
 from .config import BasisSettings, resolve_settings
 from .errors import LoRWeBError
 from .flux_map import is_flux_module
@@ -102,6 +103,9 @@ class _LoadedFile:
     metadata: Mapping[str, str]
 
 
+#: the ``software`` metadata value of a basis written by ``lorweb_train`` (its NaN/Inf advice differs)
+TRAINER_SOFTWARE = "lorweb_train"
+
 _CACHE: OrderedDict[tuple, _LoadedFile] = OrderedDict()
 _CACHE_LOCK = threading.Lock()
 CACHE_SIZE = 2  # the released basis is ~1.7 GB; keep the current one and the previous one
@@ -183,7 +187,7 @@ def _read_basis_file(path: str) -> _LoadedFile:
     described = {name: _meta_tensor(entry, name, path) for name, entry in header.entries.items()}
     _check_modules(grouped, described, path)
     tensors = read_tensors(path, header)
-    weights = _check_modules(grouped, tensors, path, values=True)
+    weights = _check_modules(grouped, tensors, path, values=_non_finite_advice(header.metadata))
     return _LoadedFile(MappingProxyType(weights), MappingProxyType(_bounded_metadata(header.metadata)))
 
 
@@ -197,7 +201,18 @@ def _meta_tensor(entry, name: str, path: str) -> torch.Tensor:
     return torch.empty(entry.shape, dtype=dtype, device="meta")
 
 
-def _check_modules(grouped: dict, tensors: dict, path: str, values: bool = False) -> dict[str, ModuleBasis]:
+def _non_finite_advice(metadata: Mapping[str, str]) -> str:
+    """What to do about NaN/Inf values, from who wrote the file: this pack's trainer marks its files."""
+    if metadata.get("software") != TRAINER_SOFTWARE:
+        return "the basis is corrupted. Download it again."
+    step = show(str(metadata.get("training_info", "")), 80)
+    return (
+        f"it was written by this pack's trainer (training_info {step}), so the training diverged: retrain with a "
+        "lower train.lr and check the data (the trainer now stops at the first non-finite loss)."
+    )
+
+
+def _check_modules(grouped: dict, tensors: dict, path: str, values: bool | str = False) -> dict[str, ModuleBasis]:
     weights = {module: _module_basis(module, parts, tensors, path, values=values) for module, parts in grouped.items()}
     _check_consistent(weights, path)
     return weights
@@ -249,7 +264,7 @@ def _examples(names: list[str]) -> str:
     return ", ".join(repr(_clip(name, 80)) for name in names[:3]) or "none"
 
 
-def _module_basis(module: str, parts: dict[str, str], tensors: dict, path: str, values: bool) -> ModuleBasis:
+def _module_basis(module: str, parts: dict[str, str], tensors: dict, path: str, values: bool | str) -> ModuleBasis:
     missing = [p for p in ("lora_A", "lora_B", "lora_keys") if p not in parts]
     if missing:
         raise LoRWeBError(
@@ -262,7 +277,8 @@ def _module_basis(module: str, parts: dict[str, str], tensors: dict, path: str, 
     return ModuleBasis(found["lora_A"], found["lora_B"], found["lora_keys"], found.get("to_q"))
 
 
-def _check_tensor(module: str, part: str, tensor: torch.Tensor, path: str, check_values: bool) -> None:
+def _check_tensor(module: str, part: str, tensor: torch.Tensor, path: str, check_values: bool | str) -> None:
+    """``check_values``: False (form only), or the advice for NaN/Inf values (True: a download's advice)."""
     file = os.path.basename(path)
     expected_ndim = 3 if part in ("lora_A", "lora_B") else 2
     if tensor.ndim != expected_ndim:
@@ -279,9 +295,8 @@ def _check_tensor(module: str, part: str, tensor: torch.Tensor, path: str, check
         )
     # one reduction (the maximum propagates NaN and Inf): ~5x faster than isfinite().all() on fp16 CPU tensors
     if check_values and not torch.isfinite(tensor.abs().amax()):
-        raise LoRWeBError(
-            f"{file}: {module}.{part} contains NaN or Inf values; the basis is corrupted. Download it again."
-        )
+        advice = check_values if isinstance(check_values, str) else "the basis is corrupted. Download it again."
+        raise LoRWeBError(f"{file}: {module}.{part} contains NaN or Inf values; {advice}")
 
 
 def _check_consistent(weights: Mapping[str, ModuleBasis], path: str) -> None:

@@ -26,7 +26,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.steps=100"
     )
+    parser.add_argument(
+        "--device", default="", help="cpu, cuda or cuda:N (default: the config's device, auto = CUDA when present)"
+    )
     return parser.parse_args(argv)
+
+
+def _refuse_another_runs_folder(output_dir: str) -> None:
+    """A new run beside another run's checkpoints would prune them by name and mix the two on a later --resume."""
+    checkpoints = os.path.join(output_dir, "checkpoints")
+    if os.path.isdir(checkpoints) and any(n.startswith("step_") for n in os.listdir(checkpoints)):
+        raise LoRWeBError(
+            f"{output_dir} already holds another run's checkpoints ({checkpoints}). Continue that run with --resume, "
+            "or start the new one in another output_dir."
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,11 +50,21 @@ def main(argv: list[str] | None = None) -> int:
         if not separator:
             print(f"--set {item!r}: write KEY=VALUE, e.g. train.steps=100", file=sys.stderr)
             return 2
-        overrides[key.strip()] = yaml.safe_load(value)
+        try:
+            overrides[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as error:
+            problem = str(getattr(error, "problem", "") or error)[:120]
+            print(f"LoRWeB training: --set {item[:120]!r}: the value is not readable YAML ({problem}). "
+                  "Quote it or write a plain number/word, e.g. train.steps=100.", file=sys.stderr)  # fmt: skip
+            return 2
     if args.init:
         overrides["model.init"] = args.init
+    if args.device:
+        overrides["device"] = args.device
     try:
         config = load_config(args.config, overrides)
+        if not args.resume:
+            _refuse_another_runs_folder(config.output_dir)
         from .trainer import Trainer
 
         trainer = Trainer(config)

@@ -62,7 +62,19 @@ def make_backend(model_config, device: torch.device) -> FluxBackend:
             f"model.backend {model_config.backend!r} cannot be loaded ({error}). Use 'comfyui' (run with ComfyUI's "
             "python, or set model.comfyui_root) or 'package.module:factory'."
         ) from None
-    backend = factory(model_config, device)
+    try:
+        backend = factory(model_config, device)
+    except LoRWeBError:
+        raise
+    except Exception as error:  # a user's factory: its failure is a message, not a traceback
+        raise LoRWeBError(
+            f"model.backend {model_config.backend!r} failed while loading the model: {type(error).__name__}: "
+            f"{str(error)[:300]}. Check model.backend_options and the model files it loads."
+        ) from None
+    if not isinstance(backend, FluxBackend):
+        raise LoRWeBError(
+            f"model.backend {model_config.backend!r} returned {type(backend).__name__}, not a FluxBackend."
+        )
     for parameter in backend.diffusion_model.parameters():
         parameter.requires_grad_(False)
     return backend

@@ -8,6 +8,7 @@ the reference does), ``lora_B [K, r, out]`` (zeros, so the untrained basis chang
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from collections.abc import Iterable
@@ -16,8 +17,9 @@ import torch
 import yaml
 from safetensors.torch import save_file
 from torch import nn
+from torch.nn.utils import skip_init
 
-from lorweb_ops.basis import LoraBasis
+from lorweb_ops.basis import TRAINER_SOFTWARE, LoraBasis
 from lorweb_ops.config import BasisSettings
 from lorweb_ops.errors import LoRWeBError
 from lorweb_ops.mixing import coefficients_from_projected
@@ -31,13 +33,16 @@ class BasisLayer(nn.Module):
     """The K LoRAs, keys and query projection of one module."""
 
     def __init__(self, in_features: int, out_features: int, num_loras: int, rank: int, keys_dim: int, query_dim: int,
-                 projection: bool = True) -> None:  # fmt: skip
+                 projection: bool = True, generator: torch.Generator | None = None) -> None:  # fmt: skip
         super().__init__()
         self.lora_A = nn.Parameter(torch.empty(num_loras, in_features, rank))
         self.lora_B = nn.Parameter(torch.zeros(num_loras, rank, out_features))
-        self.lora_keys = nn.Parameter(torch.randn(num_loras, keys_dim))
-        self.to_q = nn.Linear(query_dim, keys_dim, bias=False) if projection else None
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_keys = nn.Parameter(torch.randn(num_loras, keys_dim, generator=generator))
+        # skip_init: nn.Linear's own init would draw from torch's global RNG; the seeded draw below replaces it
+        self.to_q = skip_init(nn.Linear, query_dim, keys_dim, bias=False) if projection else None
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5), generator=generator)
+        if self.to_q is not None:  # nn.Linear's default init (Kaiming-uniform, a = sqrt 5), drawn from the seed
+            nn.init.kaiming_uniform_(self.to_q.weight, a=math.sqrt(5), generator=generator)
 
     def coefficients(self, queries: torch.Tensor, settings: BasisSettings) -> torch.Tensor:
         """``[B, K]`` for queries ``[B, Dq]``."""
@@ -46,9 +51,14 @@ class BasisLayer(nn.Module):
 
 
 class TrainableBasis(nn.Module):
-    """All modules' basis layers. ``forward(queries)`` returns every module's ``[B, K]`` coefficients."""
+    """All modules' basis layers. ``forward(queries)`` returns every module's ``[B, K]`` coefficients.
 
-    def __init__(self, shapes: dict[str, tuple[int, int]], network: NetworkConfig, query_dim: int) -> None:
+    ``generator`` makes the initialisation a function of its seed alone (layers drawn in module order), so a config
+    trains the same basis on every rerun and with any number of processes; None draws from torch's global RNG.
+    """
+
+    def __init__(self, shapes: dict[str, tuple[int, int]], network: NetworkConfig, query_dim: int,
+                 generator: torch.Generator | None = None) -> None:  # fmt: skip
         super().__init__()
         self.module_names = tuple(shapes)
         self.query_dim = query_dim
@@ -69,7 +79,7 @@ class TrainableBasis(nn.Module):
         self.layers = nn.ModuleDict(
             {
                 name.replace(".", _SEPARATOR): BasisLayer(
-                    inp, out, network.num_loras, network.rank, network.keys_dim, query_dim, projection
+                    inp, out, network.num_loras, network.rank, network.keys_dim, query_dim, projection, generator
                 )
                 for name, (inp, out) in shapes.items()
             }
@@ -103,6 +113,12 @@ class TrainableBasis(nn.Module):
             layer.lora_keys.copy_(stored.lora_keys.float())
             if layer.to_q is not None:
                 layer.to_q.weight.copy_(stored.to_q.float())
+
+
+def init_generator(seed: int) -> torch.Generator:
+    """The basis initialisation's own stream: derived from the config's seed, apart from the data-order streams."""
+    digest = hashlib.sha256(f"lorweb-basis-init:{seed}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
 def network_from_basis(basis: LoraBasis, network: NetworkConfig) -> NetworkConfig:
@@ -158,15 +174,33 @@ def ai_toolkit_config(name: str, basis: TrainableBasis, extra_train: dict | None
     }
 
 
+def check_finite_tensors(tensors: dict[str, torch.Tensor], what: str) -> None:
+    """Refuse to write NaN/Inf: a broken basis must never reach a file (one reduction per tensor, max propagates)."""
+    bad = [name for name, tensor in tensors.items() if not torch.isfinite(tensor.float().abs().amax())]
+    if bad:
+        raise LoRWeBError(
+            f"{what} holds NaN or Inf values ({len(bad)} tensors, e.g. {bad[0]}), so it was not saved; the last "
+            "saved basis and checkpoint are kept. The training diverged: lower train.lr, check the data, or use "
+            "train.save_dtype float32 or bfloat16 if the values only overflow float16."
+        )
+
+
 def save_basis(basis: TrainableBasis, path: str, name: str, *, dtype: torch.dtype = torch.float16, step: int = 0,
                extra_train: dict | None = None) -> str:  # fmt: skip
     """Write ``path`` (safetensors) and ``config.yaml`` beside it, each through a temporary file (no torn files)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    metadata = {"format": "pt", "name": name, "version": "1.0", "training_info": f'{{"step": {step}}}'}
+    metadata = {"format": "pt", "name": name, "version": "1.0", "training_info": f'{{"step": {step}}}',
+                "software": TRAINER_SOFTWARE}  # fmt: skip
+    tensors = basis.released_state_dict(dtype)
+    check_finite_tensors(tensors, f"the basis at step {step} (as {str(dtype).removeprefix('torch.')})")
     temporary = path + ".tmp"
-    save_file(basis.released_state_dict(dtype), temporary, metadata=metadata)
-    os.replace(temporary, path)
+    try:
+        save_file(tensors, temporary, metadata=metadata)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):  # a failed write (full disk) leaves no half file behind
+            os.remove(temporary)
     config_path = os.path.join(folder, "config.yaml")
     with open(config_path + ".tmp", "w", encoding="utf-8") as handle:
         yaml.safe_dump(ai_toolkit_config(name, basis, extra_train), handle, sort_keys=False)

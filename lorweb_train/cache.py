@@ -20,6 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from lorweb_ops.errors import LoRWeBError
 from lorweb_ops.images import clip_batch, from_pil
 
 from .backend import FluxBackend
@@ -71,6 +72,10 @@ def build_cache(examples: list[Example], backend: FluxBackend, cache_dir: str, r
             text_path = root / "text" / f"{text_key(instruction)}.safetensors"
             if not text_path.is_file():
                 context, pooled = backend.encode_text([instruction])
+                for tensor in (context, pooled):
+                    _check_finite(
+                        tensor, f"the text encoder (model.t5xxl, model.clip_l) on {instruction!r:.80}", example
+                    )
                 _save(text_path, {"context": context[0], "pooled": pooled[0]})
         if progress is not None:
             progress(number + 1, len(examples))
@@ -87,6 +92,8 @@ def _write_example(example: Example, backend: FluxBackend, path: Path, resolutio
         grids = training_grids(images, resolution)
         pixels = torch.cat([from_pil(grids[name]) for name in GRID_ORDER])
         latents = backend.encode_latents(pixels)
+    _check_finite(embeddings, "the CLIP vision encoder (model.clip_vision)", example)
+    _check_finite(latents, "the VAE (model.vae)", example)
     tensors = {
         "embeddings": embeddings.detach().float().cpu(),
         "latents": latents.detach().float().cpu(),
@@ -94,6 +101,17 @@ def _write_example(example: Example, backend: FluxBackend, path: Path, resolutio
         "pair_only": torch.tensor([example.pair_only]),
     }
     _save(path, tensors)
+
+
+def _check_finite(tensor: torch.Tensor, encoder: str, example: Example) -> None:
+    """Encodings are cached once and trained on for every step: a NaN here would make every loss NaN."""
+    if not torch.isfinite(tensor.detach().float().abs().amax()):
+        source = example.sources[ROLES[0]]
+        file = source if isinstance(source, Path) else source[0]
+        raise LoRWeBError(
+            f"{encoder} returned NaN or Inf for example {example.id!r} ({file}). Check that the encoder file is the "
+            "right one and loads in ComfyUI (e.g. a real T5-XXL, not CLIP-L in its place), then run again."
+        )
 
 
 def _save(path: Path, tensors: dict[str, torch.Tensor]) -> None:

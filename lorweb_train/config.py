@@ -7,7 +7,10 @@ Sections: ``data``, ``network``, ``train``, ``model`` plus a few top-level keys.
 from __future__ import annotations
 
 import difflib
+import math
 import os
+import re
+import tempfile
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any
 
@@ -19,6 +22,11 @@ from lorweb_ops.errors import LoRWeBError
 #: query modes whose query is built from per-image embeddings (the cache holds E(a), E(a'), E(b), E(b'))
 TRAINABLE_QUERY_MODES = ("cat-aa'b", "ca'-ca", "ca'-ca+cb")
 DATA_LAYOUTS = ("auto", "reference", "quadruplets", "pairs")
+#: bounds far above any useful value (Kontext is trained at 512-1024 px), so that a typo cannot ask for terabytes;
+#: the basis' memory is checked against the machine once the model's layer sizes are known (Trainer)
+MAX_RESOLUTION, MAX_BATCH = 4096, 1024
+#: ``name`` becomes file names inside output_dir: one plain file-name part, nothing that could leave the folder
+_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 
 
 @dataclass
@@ -90,6 +98,7 @@ class TrainingConfig:
     output_dir: str = "output/lorweb_basis"
     name: str = "lorweb_model"
     seed: int = 42
+    device: str = "auto"  # auto (CUDA when present, else CPU) | cpu | cuda | cuda:N
     data: DataConfig = field(default_factory=DataConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -202,8 +211,14 @@ def validate(config: TrainingConfig, source: str) -> None:
         (data.resolution >= 16, "data.resolution must be at least 16 pixels"),
         (train.batch_size >= 1 and train.steps >= 1, "train.batch_size and train.steps must be >= 1"),
         (train.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps must be >= 1"),
-        (train.lr > 0, "train.lr must be positive"),
-        (len(train.betas) == 2, "train.betas must be two numbers, e.g. [0.9, 0.99]"),
+        (math.isfinite(train.lr) and train.lr > 0, "train.lr must be a positive finite number, e.g. 1e-3"),
+        (_betas_ok(train.betas), "train.betas must be two numbers within 0..1 (1 excluded), e.g. [0.9, 0.99]"),
+        (math.isfinite(train.weight_decay) and train.weight_decay >= 0, "train.weight_decay must be >= 0"),
+        (math.isfinite(train.max_grad_norm) and train.max_grad_norm >= 0, "train.max_grad_norm must be >= 0"),
+        (net.num_loras <= 1024 and net.rank <= 256, "network.num_loras must be <= 1024 and rank <= 256"),
+        (net.keys_dim <= 8192 and net.lora_heads <= net.keys_dim, "network.keys_dim must be <= 8192"),
+        (data.resolution <= MAX_RESOLUTION, f"data.resolution must be at most {MAX_RESOLUTION} pixels"),
+        (train.batch_size <= MAX_BATCH, f"train.batch_size must be at most {MAX_BATCH}"),
         (train.optimizer in ("adamw8bit", "adamw"), "train.optimizer must be adamw8bit or adamw"),
         (train.lr_scheduler in ("constant", "linear", "cosine"), "train.lr_scheduler must be constant/linear/cosine"),
         (train.mixed_precision in ("bf16", "fp16", "no"), "train.mixed_precision must be bf16, fp16 or no"),
@@ -220,8 +235,54 @@ def validate(config: TrainingConfig, source: str) -> None:
             raise LoRWeBError(f"{source}: {message}.")
     if not data.path:
         raise LoRWeBError(f"{source}: data.path is empty. Set it to the folder of your training data.")
+    if not re.fullmatch(r"auto|cpu|cuda(:[0-9]{1,3})?", config.device):
+        raise LoRWeBError(f"{source}: device {config.device[:40]!r} is not one of auto, cpu, cuda, cuda:N.")
+    _check_name(config.name, source)
+    _check_output_dir(config.output_dir, source)
+
+
+def _betas_ok(betas: Any) -> bool:
+    numbers = isinstance(betas, list) and len(betas) == 2 and all(isinstance(b, (int, float)) for b in betas)
+    return numbers and all(not isinstance(b, bool) and 0.0 <= b < 1.0 for b in betas)
+
+
+def _check_name(name: str, source: str) -> None:
+    """``name`` is joined to output_dir for every file the run writes, so it must stay one plain file name."""
+    if not _NAME_PATTERN.fullmatch(name) or ".." in name:
+        raise LoRWeBError(
+            f"{source}: name {name[:120]!r} cannot be a file name in output_dir: use 1-100 letters, digits, '_', "
+            "'-' or '.', starting with a letter or digit (no path separators, no '..'). Put folders in output_dir."
+        )
+
+
+def _check_output_dir(output_dir: str, source: str) -> None:
+    """An output_dir that is a file, or lies under one, is refused at load (writability is probed before training)."""
+    if not output_dir:
+        raise LoRWeBError(f"{source}: output_dir is empty. Set it to the folder the basis should be written to.")
+    path = os.path.abspath(output_dir)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)  # the nearest part that exists must be a folder
+    if not os.path.isdir(path):
+        raise LoRWeBError(
+            f"{source}: output_dir {output_dir!r} cannot be a folder: {path} is a file. Choose another output_dir."
+        )
+
+
+def prepare_output_dir(folder: str, what: str = "output_dir") -> None:
+    """Create ``folder`` and write and remove a probe file in it, so an unwritable folder (permissions, a read-only
+    or full disk) is a message before any model is loaded, not a traceback at the first checkpoint."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write_probe_"):
+            pass
+    except OSError as error:
+        raise LoRWeBError(
+            f"{what} {folder} is not writable ({error.strerror or error}). Choose a folder you can write to "
+            "(and with free space), or fix its permissions."
+        ) from None
 
 
 def dump_config(config: TrainingConfig, path: str) -> None:
-    with open(path, "w", encoding="utf-8") as handle:
+    with open(path + ".tmp", "w", encoding="utf-8") as handle:  # whole or not at all
         yaml.safe_dump(config.as_dict(), handle, sort_keys=False)
+    os.replace(path + ".tmp", path)

@@ -158,11 +158,27 @@ def _existing(path: Path, where: str) -> Path:
     return path
 
 
+#: training resizes the grid to ~resolution^2 anyway; a larger file would only cost memory (4 B/px once decoded)
+MAX_IMAGE_PIXELS = 64 * 1024 * 1024
+
+
+def _too_large(path: Path, width: int = 0, height: int = 0) -> LoRWeBError:
+    size = f"{width} x {height} pixels" if width else "too many pixels for PIL's decompression-bomb check"
+    return LoRWeBError(
+        f"image {path} is {size}, more than the {MAX_IMAGE_PIXELS // (1024 * 1024)} megapixels a training image "
+        "may have. Downscale it (training uses about data.resolution^2 pixels per grid) or remove the example."
+    )
+
+
 def open_image(path: Path) -> Image.Image:
     """An RGB image, or an error naming the file (alpha is dropped, as ComfyUI does)."""
     try:
-        with Image.open(path) as image:
+        with Image.open(path) as image:  # the header only: the size is checked before any pixel is decoded
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise _too_large(path, image.width, image.height)
             return image.convert("RGB")
+    except Image.DecompressionBombError:
+        raise _too_large(path) from None
     except FileNotFoundError:
         raise LoRWeBError(f"image {path} does not exist. Restore it or remove the example.") from None
     except (UnidentifiedImageError, OSError) as error:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import os
+
 from PIL import Image, ImageDraw
 
 
@@ -11,6 +14,8 @@ def write_loss_plot(losses: list, validation: list, path: str, size: tuple[int, 
     draw = ImageDraw.Draw(image)
     left, top, right, bottom = 60, 20, width - 20, height - 40
     draw.rectangle((left, top, right, bottom), outline="black")
+    losses = [(s, v) for s, v in losses if math.isfinite(v)]  # a non-finite value would make the axes "nan"
+    validation = [(s, v) for s, v in validation if math.isfinite(v)]
     points = [(float(s), float(v)) for s, v in losses] + [(float(s), float(v)) for s, v in validation]
     if points:
         steps = [p[0] for p in points]
@@ -29,7 +34,9 @@ def write_loss_plot(losses: list, validation: list, path: str, size: tuple[int, 
         draw.text((4, top), f"{high:.4g}", fill="black")
         draw.text((4, bottom - 10), f"{low:.4g}", fill="black")
     draw.text((right - 260, bottom + 8), "loss (blue: mean of 20), validation (orange)", fill="black")
-    image.save(path)
+    temporary = path + ".tmp"  # the plot appears whole or not at all
+    image.save(temporary, format="PNG")
+    os.replace(temporary, path)
 
 
 def _moving_average(losses: list, window: int = 20) -> list:

@@ -24,9 +24,9 @@ from lorweb_ops.basis import load_basis
 from lorweb_ops.errors import LoRWeBError
 
 from .backend import FluxBackend, make_backend
-from .basis_module import TrainableBasis, network_from_basis, save_basis
+from .basis_module import TrainableBasis, init_generator, network_from_basis, save_basis
 from .cache import GRID_ORDER, CachedExample, CachedExamples, build_cache, cached_shapes, load_empty_text
-from .config import TrainingConfig, dump_config
+from .config import TrainingConfig, dump_config, prepare_output_dir
 from .data import read_dataset
 from .injection import BasisInjector, disable_gradient_checkpointing, enable_gradient_checkpointing, flux_module_shapes
 from .loss import draw_noise, flow_matching_loss, noisy_latents, sigmas_for
@@ -34,6 +34,47 @@ from .plot import write_loss_plot
 
 _SAVE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _EMBEDDING_NAMES = ("a", "a_prime", "b", "b_prime")
+_MAX_SKIPPED_STEPS = 25  # fp16 overflow skips in a row before the run counts as diverged
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> cuda when torch sees a GPU, else cpu (with a notice); cuda / cuda:N must exist (else a message).
+
+    cuda:N becomes the current CUDA device, which accelerate uses in a single process (a multi-process launch
+    gives each process its own GPU)."""
+    available = torch.cuda.is_available()
+    if device == "auto":
+        if not available:
+            print("LoRWeB training: no CUDA GPU found, training on the CPU (slow; --device cuda to require a GPU).")
+        return "cuda" if available else "cpu"
+    if device == "cpu":
+        return device
+    if not available:
+        raise LoRWeBError(
+            f"--device {device}: torch sees no CUDA GPU (torch {torch.__version__}, CUDA build "
+            f"{torch.version.cuda or 'none'}). Use --device cpu, or install a CUDA build of torch and the driver."
+        )
+    index = int(device.partition(":")[2] or torch.cuda.current_device())
+    if index >= torch.cuda.device_count():
+        raise LoRWeBError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) (cuda:0 ..).")
+    torch.cuda.set_device(index)
+    return "cuda"
+
+
+def _memory_bytes(device: torch.device) -> int:
+    """Total memory of the device the basis lives on (physical RAM for the CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # no sysconf (Windows): assume a generous 64 GiB
+        return 64 * 2**30
+
+
+def _all_finite(tensors) -> bool:
+    """One device sync for all tensors (the maximum propagates NaN and Inf)."""
+    maxima = [t.detach().abs().amax().float() for t in tensors]
+    return not maxima or bool(torch.isfinite(torch.stack(maxima)).all())
 
 
 @dataclass
@@ -53,8 +94,11 @@ class Trainer:
         from accelerate import Accelerator
 
         self.config = config
+        prepare_output_dir(config.output_dir)  # before any model is loaded: an unwritable folder fails now
+        prepare_output_dir(config.cache_dir, "data.cache_dir")
+        cpu = resolve_device(config.device) == "cpu"
         self.accelerator = accelerator or Accelerator(
-            cpu=not torch.cuda.is_available(),  # without it accelerate ignores a multi-process CPU launch
+            cpu=cpu,  # without it accelerate ignores a multi-process CPU launch
             mixed_precision=config.train.mixed_precision,
             log_with=config.train.log_with or None,
             project_dir=config.output_dir,
@@ -76,6 +120,7 @@ class Trainer:
         self.losses: list[tuple[int, float]] = []
         self.validation_losses: list[tuple[int, float]] = []
         self.step = 0
+        self.skipped_in_a_row = 0
 
     # ----------------------------------------------------------------------------------------------- setup
     def _prepare_data(self) -> None:
@@ -124,7 +169,9 @@ class Trainer:
         query_dim = self.embed_dim * (3 if network.query_mode == "cat-aa'b" else 1)
         if init is not None:
             self._check_init_fits(init, model_shapes, names, query_dim)
-        basis = TrainableBasis({name: model_shapes[name] for name in names}, network, query_dim)
+        shapes = {name: model_shapes[name] for name in names}
+        self._check_basis_memory(shapes, network, query_dim)
+        basis = TrainableBasis(shapes, network, query_dim, init_generator(config.seed))
         if init is not None:
             basis.load_from_basis(init)
         basis.to(self.device)
@@ -135,6 +182,18 @@ class Trainer:
         optimizer = self._optimizer(basis)
         scheduler = self._scheduler(optimizer)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(basis, optimizer, scheduler)
+
+    def _check_basis_memory(self, shapes: dict, network, query_dim: int) -> None:
+        """Before allocating: the basis' fp32 values, gradients and two AdamW states must fit the machine."""
+        k, r, keys = network.num_loras, network.rank, network.keys_dim
+        values = sum(k * (i * r + r * o + keys) + keys * query_dim for i, o in shapes.values())
+        needed, available = 16 * values, _memory_bytes(self.device)
+        if needed > available:
+            raise LoRWeBError(
+                f"the basis (K = {k}, rank {r}, keys {keys}, {len(shapes)} modules) needs about "
+                f"{needed / 2**30:.1f} GiB for its values, gradients and optimiser states, more than the "
+                f"{available / 2**30:.1f} GiB of {self.device}. Lower network.num_loras, rank or keys_dim."
+            )
 
     def _check_init_fits(self, init, model_shapes, names, query_dim) -> None:
         for name in names:
@@ -279,13 +338,40 @@ class Trainer:
                 self.accelerator.backward(loss)
                 self.injector.clear_mix()
                 total = total + loss.detach()
+        loss = float(self.accelerator.reduce(total, reduction="mean"))  # the same on every process
+        if not math.isfinite(loss):
+            self._diverged(f"the loss is {loss}")
         if train.max_grad_norm > 0:
             self.accelerator.clip_grad_norm_(self.model.parameters(), train.max_grad_norm)
-        self.optimizer.step()
+        fp16 = self.accelerator.mixed_precision == "fp16"
+        if not fp16 and not _all_finite(p.grad for p in self.basis.parameters() if p.grad is not None):
+            self._diverged("the gradients hold NaN or Inf values")
+        self.optimizer.step()  # fp16: accelerate's grad scaler skips a step whose gradients overflowed
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return float(self.accelerator.reduce(total, reduction="mean"))
+        if fp16 and self.accelerator.optimizer_step_was_skipped:
+            self._skipped_step()
+        else:
+            self.skipped_in_a_row = 0
+        if not _all_finite(self.basis.parameters()):
+            self._diverged("the basis parameters became NaN or Inf after the update")
+        return loss
+
+    def _skipped_step(self) -> None:
+        """fp16 overflow: the scaler lowers its scale and the step is skipped; endless overflow is divergence."""
+        self.skipped_in_a_row += 1
+        self.accelerator.print(f"step {self.step}: fp16 gradients overflowed; the update was skipped (scale lowered)")
+        if self.skipped_in_a_row >= _MAX_SKIPPED_STEPS:
+            self._diverged(f"{_MAX_SKIPPED_STEPS} fp16 steps in a row overflowed")
+
+    def _diverged(self, what: str) -> None:
+        """Stop before anything is saved: the last checkpoint written stays the newest good one."""
+        raise LoRWeBError(
+            f"the training diverged at step {self.step + 1}: {what}. Nothing was saved for this step; the last "
+            f"checkpoint in {self.checkpoint_root} is kept. Lower train.lr (now {self.config.train.lr:g}), check "
+            "the data and encoders, or use train.mixed_precision bf16, and start again (or --resume)."
+        )
 
     @torch.no_grad()
     def validation_loss(self, files: list[str] | None = None) -> torch.Tensor:
@@ -401,6 +487,13 @@ class Trainer:
         Written to ``step_N.tmp`` and renamed when complete, so an interrupted save never replaces a good one.
         """
         accelerator = self.accelerator
+        dtype = _SAVE_DTYPES[self.config.train.save_dtype]  # a value can be finite in fp32 and overflow fp16
+        if not _all_finite(p.detach().to(dtype) for p in self.basis.parameters()):  # never a NaN/Inf checkpoint
+            raise LoRWeBError(
+                f"the basis at step {self.step} holds NaN or Inf values as {self.config.train.save_dtype}, so no "
+                f"checkpoint was written; the last one in {self.checkpoint_root} is kept. The training diverged: "
+                "lower train.lr and check the data (or use train.save_dtype float32 if it only overflows float16)."
+            )
         final = self.checkpoint_root / f"step_{self.step:08d}"
         temporary = final.with_name(final.name + ".tmp")
         if accelerator.is_main_process:
@@ -449,7 +542,16 @@ class Trainer:
                 f"no complete checkpoint to resume from in {self.checkpoint_root if path is None else path}. "
                 "Start without --resume, or give a checkpoints/step_N folder."
             )
-        self.accelerator.load_state(str(path))
+        try:
+            self.accelerator.load_state(str(path))
+        except RuntimeError as error:  # torch's "size mismatch for layers..." when the network differs
+            if "size mismatch" not in str(error) and "Missing key" not in str(error):
+                raise
+            raise LoRWeBError(
+                f"checkpoint {path} was trained with another network (K, rank, keys or modules) than this config's "
+                f"({self.basis.num_loras} LoRAs, rank {self.basis.rank}, keys {self.basis.keys_dim}). Resume with "
+                "the config that run used (its train_config.yaml), or start without --resume in another output_dir."
+            ) from None
         state = json.loads((path / "trainer_state.json").read_text())
         self.step = int(state["step"])
         self.losses = [tuple(x) for x in state["losses"]]

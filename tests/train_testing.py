@@ -150,8 +150,10 @@ class TinyFlux(nn.Module):
 
 
 def tiny_flux(seed: int = 0, **shape) -> TinyFlux:
-    torch.manual_seed(seed)
-    return TinyFlux(**shape)
+    """The tiny model's weights from ``seed``, leaving torch's global RNG as it was (so it cannot seed the basis)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return TinyFlux(**shape)
 
 
 def pixel_latents(images: torch.Tensor) -> torch.Tensor:
@@ -195,8 +197,17 @@ def tiny_backend(model_config, device):
 
     options = dict(model_config.backend_options or {})
     seed = int(options.pop("seed", 0))
+    nan_text = bool(options.pop("nan_text", False))  # a text encoder gone wrong (e.g. CLIP-L in T5's place)
     model = tiny_flux(seed, **options).to(device)
-    return FluxBackend(model, pixel_latents, CharacterText(), tiny_clip_embedder(), "tiny-flux-test", image_size=224)
+    text = CharacterText()
+    if nan_text:
+        plain = text
+
+        def text(texts):
+            context, pooled = plain(texts)
+            return context * float("nan"), pooled
+
+    return FluxBackend(model, pixel_latents, text, tiny_clip_embedder(), "tiny-flux-test", image_size=224)
 
 
 # ----------------------------------------------------------------------------------------------- synthetic data
@@ -292,3 +303,21 @@ def environment_with_paths() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
     return env
+
+
+def failing_backend(model_config, device):
+    """``model.backend: train_testing:failing_backend``: a factory that fails as ComfyUI does without a GPU."""
+    raise RuntimeError("Found no NVIDIA driver on your system.")
+
+
+def png_header_only(path: Path, width: int, height: int) -> None:
+    """A PNG that declares ``width x height`` (one tiny compressed row follows): the size is all a reader sees first."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    body = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + body)
