@@ -245,3 +245,33 @@ def test_muted_and_bypassed_save_nodes_write_nothing():
         if node["id"] in (90, 92):
             node["mode"] = 2 if node["id"] == 90 else 4
     assert [output.node_id for output in save_outputs(workflow)] == ["43", "91"]
+
+
+#: the loader inputs of the templates: (node type, widget position) -> the ComfyUI folder of the file it names
+LOADER_WIDGETS = {
+    ("UNETLoader", 0): "diffusion_models",
+    ("DualCLIPLoader", 0): "text_encoders",
+    ("DualCLIPLoader", 1): "text_encoders",
+    ("VAELoader", 0): "vae",
+    ("CLIPVisionLoader", 0): "clip_vision",
+    ("LoRWeB_LoadBasis", 0): "lorweb",
+    ("LoRWeB_LoraSetAddLoRA", 0): "loras",
+}
+
+
+def test_the_demo_writes_every_file_every_template_loads_under_its_name():
+    from lorweb_demo import FILES, IMAGES, TEMPLATE_IMAGES
+
+    demo_files = set(FILES.values())
+    loaded, images = set(), set()
+    for path in TEMPLATES:
+        for node in _load(path)["nodes"]:
+            values = node.get("widgets_values") or []
+            if node["type"] == "LoadImage":
+                images.add(values[0])
+            for (node_type, position), folder in LOADER_WIDGETS.items():
+                if node["type"] == node_type:
+                    loaded.add((folder, values[position]))
+            assert node["type"] not in ("CLIPLoader", "LoraLoader", "LoraLoaderModelOnly", "CheckpointLoaderSimple")
+    assert loaded == demo_files
+    assert images == set(TEMPLATE_IMAGES) and not images & set(IMAGES.values())
