@@ -1,15 +1,21 @@
 """Demo weights for ``run_analogy.py --demo``: small random models that ComfyUI's stock loaders accept.
 
 Key sets and shapes come from ComfyUI's own classes built on the meta device, so the files fit the ComfyUI that
-is running (0.3.64 and 0.8.0 give the same keys). Nothing is downloaded. Call these only after ComfyUI has been
-started in this process (``comfy`` must be importable and its arguments parsed).
+is running (0.3.64, 0.8.0 and 0.33 give the same keys). Nothing is downloaded. Call these only after ComfyUI has
+been started in this process (``comfy`` must be importable and its arguments parsed). Every file is written under
+the name the pack's templates load (example_workflows/*.json), so each template runs on them as shipped.
 
 * Flux: the real Flux shapes (hidden 3072, T5 4096 / CLIP-L 768 inputs, guidance embedding) with one double and
   one single block, bf16 (~1.1 GB); UNETLoader detects it as FLUX.1 dev/Kontext.
-* text: a CLIP-L text model with Hugging Face key names, loaded with CLIPLoader type ``sd3`` (pads its tokens to
-  the 4096 T5 width; Flux reads the first 768 pooled values). T5-XXL would be 4.7 B parameters.
+* text: a CLIP-L text model with Hugging Face key names (DualCLIPLoader's clip_l, or CLIPLoader type ``sd3`` alone,
+  which pads its tokens to the 4096 T5 width; Flux reads the first 768 pooled values), and a T5-XXL for
+  DualCLIPLoader type ``flux``. ComfyUI builds that T5 from a fixed config (t5_config_xxl.json: 24 layers,
+  4096 wide, 4.76 B parameters) whatever the file holds, so it is the full layout in fp8: random embeddings,
+  norms 1 and every linear weight 0, written as a sparse file (4.76 GB long, ~130 MB on disk where the file system
+  keeps holes). It returns the normalised token embeddings: finite, and different per prompt.
 * VAE: a full-size Flux VAE (16 latent channels). CLIP vision: a full-size ViT-L/14 (CLIPVisionLoader picks
-  models by layer count). Basis: the released LoRWeB format for the 20 modules of those two blocks.
+  models by layer count). Basis: the released LoRWeB format for the 20 modules of those two blocks. LoRA: an
+  ordinary kohya-format LoRA on two layers of that Flux (the compose template's placeholder name).
 """
 
 from __future__ import annotations
@@ -31,19 +37,33 @@ if str(REPO_ROOT) not in sys.path:
 
 from lorweb_ops.flux_map import module_shape, released_module_names  # noqa: E402  (plain library, no ComfyUI)
 
-FORMAT = 1  # bump when the files change, so old caches are rebuilt
+FORMAT = 2  # bump when the files change, so old caches are rebuilt
 HIDDEN, MLP = 3072, 4 * 3072
 NUM_LORAS, RANK, KEYS_DIM, QUERY_DIM = 32, 4, 128, 3 * 768
 TILE = 64  # demo images are TILE x TILE: the Kontext grid is 2*TILE square
-#: ComfyUI model folder -> demo file name (names no real model uses, so they never shadow a user's files)
+#: what the runner sets -> (ComfyUI model folder, file name): the names the templates load
 FILES = {
-    "diffusion_models": "lorweb-demo-flux.safetensors",
-    "text_encoders": "lorweb-demo-clip-l.safetensors",
-    "vae": "lorweb-demo-vae.safetensors",
-    "clip_vision": "lorweb-demo-clip-vision.safetensors",
-    "lorweb": "lorweb-demo-basis.safetensors",
+    "unet": ("diffusion_models", "flux1-dev-kontext_fp8_scaled.safetensors"),
+    "clip_l": ("text_encoders", "clip_l.safetensors"),
+    "t5": ("text_encoders", "t5xxl_fp8_e4m3fn_scaled.safetensors"),
+    "vae": ("vae", "ae.safetensors"),
+    "clip_vision": ("clip_vision", "clip-vit-large-patch14.safetensors"),
+    "basis": ("lorweb", "lorweb_model.safetensors"),
+    "lora": ("loras", "your_style_lora.safetensors"),
 }
+FOLDERS = tuple(dict.fromkeys(folder for folder, _ in FILES.values()))
+FORMAT_1_PREFIX = "lorweb-demo-"  # the file names of format 1, removed when a cache is rebuilt
+#: the runner's default a, a′, b (b′ is written as demo_b_b_prime.png)
 IMAGES = {"a": "demo_a.png", "a_prime": "demo_a_prime.png", "b": "demo_b.png"}
+#: every image a template's LoadImage nodes name, drawn as the demo's shapes
+TEMPLATE_IMAGES = {
+    "lorweb_a.png": ("circle", "red"),
+    "lorweb_a_prime.png": ("circle", "blue"),
+    "lorweb_b.png": ("square", "red"),
+    "lorweb_b_sketch.png": ("square", "blue"),
+    "lorweb_a2.png": ("square", "green"),
+    "lorweb_a2_prime.png": ("circle", "green"),
+}
 RELEASED_NETWORK_KWARGS = {
     "query_mode": "cat-aa'b",
     "lora_heads": 1,
@@ -67,19 +87,24 @@ def ensure_demo_files(cache: Path, log: Callable[[str], None] = print) -> None:
         return
     # files of an older format are rewritten; finished files of an interrupted first run are kept
     rewrite = recorded is not None and recorded.get("format") != FORMAT
+    if rewrite:
+        for old in cache.glob(f"*/{FORMAT_1_PREFIX}*"):
+            old.unlink()
     writers = {
-        "diffusion_models": write_flux,
-        "text_encoders": write_clip_text,
+        "unet": write_flux,
+        "clip_l": write_clip_text,
+        "t5": write_t5xxl,
         "vae": write_vae,
         "clip_vision": write_clip_vision,
-        "lorweb": write_basis,
+        "basis": write_basis,
+        "lora": write_lora,
     }
-    for folder, name in FILES.items():
+    for key, (folder, name) in FILES.items():
         path = cache / folder / name
         if rewrite or not path.is_file():
             log(f"demo: writing random {folder} weights to {path}")
             path.parent.mkdir(parents=True, exist_ok=True)
-            _atomic(path, writers[folder])
+            _atomic(path, writers[key])
     _atomic(cache / "lorweb" / "config.yaml", write_basis_config)
     write_demo_images(cache / "images")
     _atomic(manifest, lambda path: path.write_text(json.dumps(_manifest(cache))))
@@ -88,7 +113,7 @@ def ensure_demo_files(cache: Path, log: Callable[[str], None] = print) -> None:
 def _manifest(cache: Path) -> dict:
     sizes = {
         name: (cache / folder / name).stat().st_size if (cache / folder / name).is_file() else None
-        for folder, name in FILES.items()
+        for folder, name in FILES.values()
     }
     return {"format": FORMAT, "files": sizes}
 
@@ -102,11 +127,14 @@ def _atomic(path: Path, writer: Callable[[Path], None]) -> None:
 
 
 def register_demo_folders(cache: Path) -> None:
-    """Make ComfyUI's loaders see the demo files; the user's own model folders are left as they are."""
+    """Make ComfyUI's loaders find the demo files first (they carry the templates' names, as real models do).
+
+    The user's own model folders stay registered, after the demo's; nothing in them is written or read by name.
+    """
     import folder_paths
 
-    for folder in FILES:
-        folder_paths.add_model_folder_path(folder, str(cache / folder))
+    for folder in FOLDERS:
+        folder_paths.add_model_folder_path(folder, str(cache / folder), is_default=True)
 
 
 def random_state(shapes: dict[str, torch.Size], dtype: torch.dtype, seed: int) -> dict[str, torch.Tensor]:
@@ -193,6 +221,99 @@ def write_clip_vision(path: Path) -> None:
         lambda: comfy.clip_model.CLIPVisionModelProjection(config, torch.float16, "meta", comfy.ops.manual_cast)
     )
     _save(path, shapes, torch.float16, seed=3)
+
+
+def t5xxl_shapes() -> dict[str, torch.Size]:
+    """Keys and shapes of the T5-XXL encoder that DualCLIPLoader (type flux) builds: ComfyUI's own T5 class with
+    the config it hard-codes (comfy/text_encoders/t5_config_xxl.json)."""
+    import comfy.ops
+    import comfy.text_encoders.t5
+
+    config = json.loads(Path(os.path.dirname(comfy.text_encoders.t5.__file__), "t5_config_xxl.json").read_text())
+    return _meta_shapes(lambda: comfy.text_encoders.t5.T5(config, torch.float8_e4m3fn, "meta", comfy.ops.manual_cast))
+
+
+def write_t5xxl(path: Path) -> None:
+    """The T5-XXL layout in fp8 e4m3fn: random embeddings, norms 1, every other weight 0 (left as file holes)."""
+    generator = torch.Generator().manual_seed(6)
+
+    def values(key: str, shape: torch.Size) -> torch.Tensor | None:
+        if key == "shared.weight":  # token embeddings: what makes the encoding depend on the prompt
+            return torch.randn(shape, generator=generator).clamp(-4, 4).to(torch.float8_e4m3fn)
+        if key.endswith("layer_norm.weight"):
+            return torch.ones(shape, dtype=torch.float8_e4m3fn)
+        return None  # attention, feed-forward and position biases: 0
+
+    write_sparse_safetensors(path, t5xxl_shapes(), torch.float8_e4m3fn, values, {"lorweb_demo": "random weights"})
+
+
+#: safetensors' names of the dtypes the demo writes
+SAFETENSORS_DTYPES = {
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float32: "F32",
+}
+
+
+def write_sparse_safetensors(
+    path: Path,
+    shapes: dict[str, torch.Size],
+    dtype: torch.dtype,
+    values: Callable[[str, torch.Size], torch.Tensor | None],
+    metadata: dict[str, str],
+) -> None:
+    """A .safetensors file (the documented layout: 8-byte header length, JSON header, data) whose all-zero tensors
+    are holes: a 4.76 B-parameter file costs the disk and the memory of its few real tensors only.
+
+    ``values(key, shape)`` gives a tensor of ``dtype``, or None for zeros."""
+    import struct
+
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    header, offset = {}, 0
+    for key in sorted(shapes):
+        size = shapes[key].numel() * itemsize
+        header[key] = {
+            "dtype": SAFETENSORS_DTYPES[dtype],
+            "shape": list(shapes[key]),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    header["__metadata__"] = metadata
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as file:
+        file.write(struct.pack("<Q", len(text)) + text)
+        start = file.tell()
+        for key in sorted(shapes):
+            tensor = values(key, shapes[key])
+            if tensor is None:
+                continue
+            if tensor.dtype != dtype or tensor.shape != shapes[key]:
+                raise ValueError(
+                    f"{key}: got {tensor.dtype} {tuple(tensor.shape)}, the layout needs {dtype} {tuple(shapes[key])}"
+                )
+            file.seek(start + header[key]["data_offsets"][0])
+            file.write(tensor.contiguous().view(torch.uint8).numpy().tobytes())
+        file.truncate(start + offset)  # the zeros at the end are a hole too
+
+
+#: the two layers of the demo Flux the demo LoRA changes (BFL names, as ComfyUI's Flux has them)
+LORA_LAYERS = {"double_blocks.0.img_attn.proj": (HIDDEN, HIDDEN), "single_blocks.0.linear2": (HIDDEN + MLP, HIDDEN)}
+
+
+def write_lora(path: Path, seed: int = 7) -> None:
+    """An ordinary Flux LoRA (kohya keys: lora_unet_<layer>.lora_down/lora_up/alpha), rank 4, fp16."""
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer, (fan_in, fan_out) in LORA_LAYERS.items():
+        prefix = "lora_unet_" + layer.replace(".", "_")
+        tensors[f"{prefix}.lora_down.weight"] = (torch.randn(RANK, fan_in, generator=generator) / fan_in**0.5).half()
+        tensors[f"{prefix}.lora_up.weight"] = (0.05 * torch.randn(fan_out, RANK, generator=generator)).half()
+        tensors[f"{prefix}.alpha"] = torch.tensor(float(RANK)).half()
+    save_file(tensors, str(path), metadata={"lorweb_demo": "random LoRA"})
 
 
 #: the Flux autoencoder's layout (z 16, ch 128, mult 1 2 4 4), as ComfyUI's AutoencodingEngine takes it
@@ -284,11 +405,14 @@ def demo_shape(kind: str, colour: str, size: int = TILE) -> Image.Image:
 
 
 def write_demo_images(folder: Path) -> dict[str, Path]:
+    """The runner's a, a′, b and every image the templates load (under their names); returns a, a′, b."""
     folder.mkdir(parents=True, exist_ok=True)
-    shapes = {"a": ("circle", "red"), "a_prime": ("circle", "blue"), "b": ("square", "red")}
-    paths = {}
-    for role, (kind, colour) in shapes.items():
-        paths[role] = folder / IMAGES[role]
-        if not paths[role].is_file():
-            _atomic(paths[role], lambda path, kind=kind, colour=colour: demo_shape(kind, colour).save(path, "PNG"))
-    return paths
+    shapes = {
+        **{IMAGES[role]: shape for role, shape in (("a", ("circle", "red")), ("a_prime", ("circle", "blue")))},
+        IMAGES["b"]: ("square", "red"),
+        **TEMPLATE_IMAGES,
+    }
+    for name, (kind, colour) in shapes.items():
+        if not (folder / name).is_file():
+            _atomic(folder / name, lambda path, kind=kind, colour=colour: demo_shape(kind, colour).save(path, "PNG"))
+    return {role: folder / name for role, name in IMAGES.items()}

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from runner_prompt import B_PRIME_PREFIX, CHART_NODE, GRID_NODE, RunSettings
+from runner_prompt import CHART_NODE, GRID_NODE, RunSettings, SaveOutput
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
@@ -65,10 +65,19 @@ def b_images(b: Path) -> list[Path]:
     return images
 
 
+def planned(settings: RunSettings) -> list[SaveOutput]:
+    """The files a run writes for one b image, in the order they are written: b′ last (--skip-existing takes a
+    b whose b′ exists as finished)."""
+    extra = [SaveOutput(GRID_NODE, "grid")] * settings.save_grid + [
+        SaveOutput(CHART_NODE, "chart")
+    ] * settings.save_chart
+    outputs = [*extra, *settings.outputs]
+    return sorted(outputs, key=lambda output: output.suffix == "b_prime")  # stable: the workflow's order otherwise
+
+
 def output_names(b: Path, settings: RunSettings) -> list[str]:
     """The files a run writes for one b image."""
-    suffixes = ["b_prime"] + ["grid"] * settings.save_grid + ["chart"] * settings.save_chart
-    return [f"{b.stem}_{suffix}.png" for suffix in suffixes]
+    return [f"{b.stem}_{output.suffix}{output.ext}" for output in planned(settings)]
 
 
 def not_done(images: list[Path], settings: RunSettings, out: Path) -> list[Path]:
@@ -83,6 +92,8 @@ class Job:
     bs: list[Path]
     settings: RunSettings
     out: Path
+    images: list[tuple[str, Path]] = field(default_factory=list)  # --image: (node id or title, file)
+    demo_images: Path | None = None  # --demo: where the templates' images are
 
 
 def place_image(source: Path, input_dir: Path, name: str) -> str:
@@ -92,32 +103,37 @@ def place_image(source: Path, input_dir: Path, name: str) -> str:
     return target.name
 
 
-def output_file(outputs: dict, node_id: str) -> Path:
+def output_file(outputs: dict, output: SaveOutput) -> Path | None:
+    """Where ComfyUI wrote the node's file in this run (the first image of a SaveImage; the LoRA of Save Composed
+    LoRA, inside the first loras folder); None when the node wrote nothing."""
     import folder_paths
 
-    image = outputs[node_id]["images"][0]
-    folder = folder_paths.get_directory_by_type(image.get("type", "output"))
-    return Path(folder) / image.get("subfolder", "") / image["filename"]
+    result = outputs.get(output.node_id, {})
+    if output.is_lora:
+        saved = result.get("lorweb_saved") or []
+        return Path(folder_paths.get_folder_paths("loras")[0]) / saved[0]["lora_name"] if saved else None
+    images = result.get("images") or []
+    if not images:
+        return None
+    folder = folder_paths.get_directory_by_type(images[0].get("type", "output"))
+    return Path(folder) / images[0].get("subfolder", "") / images[0]["filename"]
 
 
-def collect(outputs: dict, prompt: dict, out_dir: Path, stem: str) -> list[Path]:
-    """Move b′ (and the grid / chart) from the private output folder to ``out_dir``, b′ last.
+def collect(outputs: dict, settings: RunSettings, out_dir: Path, stem: str) -> list[Path]:
+    """Move each Save node's file (and the grid / chart) from the private folders to ``out_dir``, b′ last.
 
     Each file appears whole or not at all (copied under a temporary name, then renamed), so ``--skip-existing``
     never takes a half-written file for a finished one.
     """
-    save = next(
-        node_id
-        for node_id, node in prompt.items()
-        if node["class_type"] == "SaveImage" and node["inputs"].get("filename_prefix") == B_PRIME_PREFIX
-    )
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for node_id, suffix in ((GRID_NODE, "grid"), (CHART_NODE, "chart"), (save, "b_prime")):
-        if outputs.get(node_id, {}).get("images"):
-            target = out_dir / f"{stem}_{suffix}.png"
-            partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
-            shutil.move(output_file(outputs, node_id), partial)
-            os.replace(partial, target)
-            written.append(target)
+    for output in planned(settings):
+        source = output_file(outputs, output)
+        if source is None:
+            continue
+        target = out_dir / f"{stem}_{output.suffix}{output.ext}"
+        partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+        shutil.move(source, partial)
+        os.replace(partial, target)
+        written.append(target)
     return written

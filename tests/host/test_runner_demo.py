@@ -1,9 +1,10 @@
 """``scripts/run_analogy.py`` end to end: random weights, the example workflow, ComfyUI's executor, b′ on disk.
 
-The demo weights (~2 GB of random files) are written once per module to a pytest temporary folder, unless
-LORWEB_DEMO_CACHE names a folder to reuse between runs. Besides the single run: two processes launched by torchrun
-(the b images split between them), --skip-existing, and a GGUF diffusion model through city96's UnetLoaderGGUF with
---custom-nodes.
+The demo weights (~2.2 GB on disk) are written once per module to a pytest temporary folder, unless
+LORWEB_DEMO_CACHE names a folder to reuse between runs. Besides the single run: every template of example_workflows/
+as shipped (one file per Save node), the T5-XXL through the templates' DualCLIPLoader, extra Save nodes (a second
+SaveImage, Save Composed LoRA), two processes launched by torchrun (the b images split between them),
+--skip-existing, and a GGUF diffusion model through city96's UnetLoaderGGUF with --custom-nodes.
 """
 
 from __future__ import annotations
@@ -21,8 +22,13 @@ from gguf_files import write_gguf
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
+sys.path.insert(0, str(REPO_ROOT / "scripts"))
+from lorweb_demo import FILES  # noqa: E402  (importing it imports no ComfyUI)
+from runner_prompt import save_outputs  # noqa: E402
+
 RUNNER = REPO_ROOT / "scripts" / "run_analogy.py"
 WORKFLOW = REPO_ROOT / "example_workflows" / "lorweb_analogy_flux_kontext.json"
+TEMPLATES = sorted((REPO_ROOT / "example_workflows").glob("*.json"))
 DEMO_TILE = 64  # the demo's a, a′, b are 64 x 64: the Kontext grid is 128 x 128
 TIMEOUT_SECONDS = 1200
 # One thread in every process, as torchrun sets it: CPU sums then add up in the same order in one process and in two.
@@ -140,7 +146,7 @@ def _gguf_workflow(path: Path) -> None:
 def test_custom_nodes_run_a_gguf_workflow(tmp_path, demo_cache, one_process):
     models = tmp_path / "gguf_models"
     models.mkdir()
-    demo_flux = load_file(str(Path(demo_cache) / "diffusion_models" / "lorweb-demo-flux.safetensors"))
+    demo_flux = load_file(str(Path(demo_cache).joinpath(*FILES["unet"])))
     write_gguf(models / "tiny-flux.gguf", demo_flux)  # block weights in Q8_0, as users have a quantized Kontext
     paths = tmp_path / "extra_model_paths.yaml"
     paths.write_text(f"gguf_test:\n    diffusion_models: {models}\n", encoding="utf-8")
@@ -195,3 +201,87 @@ def test_the_real_graph_without_model_files_names_each_file_and_option(tmp_path)
         assert str(empty_base / "models" / folder) in line and f"or pass {option}" in line, line
     assert "press R" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def _varied(path: Path) -> np.ndarray:
+    """The image's pixels, after checking it is not one flat colour (what NaN gives once SaveImage clips it)."""
+    pixels = _pixels(path).astype(np.float64)
+    assert np.isfinite(pixels).all() and pixels.std() > 0, f"{path} is one flat colour"
+    return pixels
+
+
+@pytest.mark.parametrize("template", TEMPLATES, ids=lambda p: p.stem)
+def test_every_template_runs_as_shipped_on_the_demo_weights(tmp_path, demo_cache, template):
+    """Each template's own model and image names resolve to the demo files; each Save node writes its file."""
+    out = tmp_path / "out"
+    result = _ok(_run(tmp_path, "--demo", "--demo-cache", demo_cache, "--workflow", str(template), "--out", str(out)))
+
+    expected = [f"demo_b_{output.suffix}{output.ext}" for output in save_outputs(json.loads(template.read_text()))]
+    assert expected == ["demo_b_b_prime.png"]  # every shipped template has one Save node: b′
+    assert sorted(p.name for p in out.iterdir()) == expected
+    assert _varied(out / expected[0]).shape == (DEMO_TILE, DEMO_TILE, 3)
+    assert "flat colour" not in result.stderr
+
+
+def test_the_templates_dual_clip_loader_runs_the_demo_t5(tmp_path, demo_cache):
+    """--demo-t5: DualCLIPLoader (flux) with the demo's full-layout T5-XXL, as the template ships it."""
+    out = tmp_path / "out"
+    result = _ok(_run(tmp_path, "--demo", "--demo-t5", "--demo-cache", demo_cache, "--out", str(out)))
+    assert "CLIPLoader" not in result.stdout.replace("DualCLIPLoader", "")
+    _varied(out / "demo_b_b_prime.png")
+    t5 = Path(demo_cache).joinpath(*FILES["t5"])
+    assert t5.stat().st_size > 4.7e9  # the layout ComfyUI builds: 4.76 B parameters in fp8
+
+
+def _with_more_saves(template: Path, path: Path) -> None:
+    """The template plus a SaveImage of the whole decoded grid and a Save Composed LoRA of the analogy."""
+    workflow = json.loads(template.read_text(encoding="utf-8"))
+    by_type = {node["type"]: node for node in workflow["nodes"]}
+    link = max(link[0] for link in workflow["links"]) + 1
+    added = [
+        (90, "SaveImage", "Whole grid", ["x"], [("images", "IMAGE", by_type["VAEDecode"]["id"], 0)]),
+        (
+            91,
+            "LoRWeB_SaveComposedLoRA",
+            "Instruction LoRA",
+            ["lorweb/analogy", 0, "float32"],
+            [
+                ("basis", "LORWEB_BASIS", by_type["LoRWeB_LoadBasis"]["id"], 0),
+                ("weights", "LORWEB_WEIGHTS", by_type["LoRWeB_ApplyBasis"]["id"], 1),
+            ],
+        ),
+    ]
+    for node_id, node_type, title, values, inputs in added:
+        sockets = []
+        for slot, (name, kind, origin, origin_slot) in enumerate(inputs):
+            workflow["links"].append([link, origin, origin_slot, node_id, slot, kind])
+            sockets.append({"name": name, "type": kind, "link": link})
+            link += 1
+        workflow["nodes"].append(
+            {"id": node_id, "type": node_type, "title": title, "mode": 0, "inputs": sockets, "widgets_values": values}
+        )
+    path.write_text(json.dumps(workflow), encoding="utf-8")
+
+
+def test_each_save_node_writes_its_own_file_and_options_name_ambiguous_nodes(tmp_path, demo_cache):
+    workflow = tmp_path / "more_saves.json"
+    _with_more_saves(REPO_ROOT / "example_workflows" / "lorweb_compose_analogy_and_lora.json", workflow)
+    out = tmp_path / "out"
+    args = ("--demo", "--demo-cache", demo_cache, "--workflow", str(workflow), "--out", str(out), "--strength", "0.5")
+    result = _ok(_run(tmp_path, *args))
+
+    assert sorted(p.name for p in out.iterdir()) == [
+        "demo_b_b_prime.png",
+        "demo_b_instruction_lora.safetensors",
+        "demo_b_whole_grid.png",
+    ]
+    assert _varied(out / "demo_b_whole_grid.png").shape == (2 * DEMO_TILE, 2 * DEMO_TILE, 3)
+    _varied(out / "demo_b_b_prime.png")
+    assert any(key.endswith("lora_A.weight") for key in load_file(str(out / "demo_b_instruction_lora.safetensors")))
+    assert not list(Path(demo_cache, "loras").glob("lorweb*")), "Save Composed LoRA wrote into a model folder"
+    assert f"wrote {out / 'demo_b_b_prime.png'}" in result.stdout.splitlines()[-2]  # b′ last
+
+    two = REPO_ROOT / "example_workflows" / "lorweb_compose_two_analogies_cmlora.json"
+    ambiguous = _run(tmp_path, "--demo", "--demo-cache", demo_cache, "--workflow", str(two), "--strength", "0.5")
+    assert ambiguous.returncode != 0 and "--strength is ambiguous" in ambiguous.stderr, ambiguous.stderr[-3000:]
+    assert "(node 50): strength" in ambiguous.stderr and "(node 51): strength" in ambiguous.stderr
