@@ -20,20 +20,39 @@ from lorweb_train.backend import FluxBackend
 _FP8 = {"fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
 
+#: the pack's folder; installed as ComfyUI/custom_nodes/<pack>, two levels under the ComfyUI folder
+_PACK_ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _is_comfyui_root(folder: str) -> bool:
+    return os.path.isdir(os.path.join(folder, "comfy")) and os.path.isfile(os.path.join(folder, "folder_paths.py"))
+
+
+def find_comfyui_root(configured: str = "") -> str:
+    """``model.comfyui_root`` when set, else the current folder or the ComfyUI this pack is installed in."""
+    if configured:
+        return configured
+    candidates = (os.getcwd(), os.path.dirname(os.path.dirname(_PACK_ROOT)))
+    return next((folder for folder in candidates if _is_comfyui_root(folder)), "")
+
+
 def ensure_comfy(comfyui_root: str = "") -> None:
-    """Make ``import comfy`` work: already importable (inside ComfyUI), or from ``model.comfyui_root``."""
+    """Make ``import comfy`` work: already importable (inside ComfyUI), or from the ComfyUI folder (found from the
+    current folder or the pack's install place, or ``model.comfyui_root``)."""
     try:
         import comfy.sd  # noqa: F401
 
         return
     except ImportError:
         pass
-    if not comfyui_root or not os.path.isdir(os.path.join(comfyui_root, "comfy")):
+    root = find_comfyui_root(comfyui_root)
+    if not root or not _is_comfyui_root(root):
         raise LoRWeBError(
             "the trainer loads the base model with ComfyUI's loaders, but ComfyUI is not importable. Run it with "
-            "ComfyUI's python and set model.comfyui_root to the ComfyUI folder (the one holding comfy/ and models/)."
+            "ComfyUI's python from the ComfyUI folder, or set model.comfyui_root to the ComfyUI folder (the one "
+            f"holding comfy/ and models/){f' (now {root!r})' if root else ''}."
         )
-    sys.path.insert(0, os.path.abspath(comfyui_root))
+    sys.path.insert(0, os.path.abspath(root))
 
 
 def resolve(name: str, folder: str, what: str) -> str:
@@ -53,7 +72,7 @@ def resolve(name: str, folder: str, what: str) -> str:
     return found
 
 
-def _comfy_on_cpu() -> None:
+def comfy_on_cpu() -> None:
     """ComfyUI picks its device when comfy.model_management is first imported (``--cpu``): ask for the CPU before,
     so a machine without a GPU does not stop at ComfyUI's "Found no NVIDIA driver". Inside a running ComfyUI the
     choice is already made and is left alone."""
@@ -67,7 +86,7 @@ def comfyui_backend(model_config, device: torch.device) -> FluxBackend:
     """Kontext (bf16 or fp8), CLIP-L + T5-XXL, the Flux VAE and CLIP ViT-L/14 vision, as users already have them."""
     ensure_comfy(model_config.comfyui_root)
     if device.type == "cpu":
-        _comfy_on_cpu()
+        comfy_on_cpu()
     import comfy.clip_vision
     import comfy.sd
     import comfy.utils
@@ -76,18 +95,30 @@ def comfyui_backend(model_config, device: torch.device) -> FluxBackend:
     patcher = comfy.sd.load_diffusion_model(
         resolve(model_config.diffusion_model, "diffusion_models", "diffusion_model"), model_options=options
     )
-    clip = comfy.sd.load_clip(
-        ckpt_paths=[
-            resolve(model_config.clip_l, "text_encoders", "clip_l"),
-            resolve(model_config.t5xxl, "text_encoders", "t5xxl"),
-        ],
-        clip_type=comfy.sd.CLIPType.FLUX,
-    )
+    clip = _load_text_encoders(model_config)
     vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(resolve(model_config.vae, "vae", "vae")))
     clip_vision = comfy.clip_vision.load(resolve(model_config.clip_vision, "clip_vision", "clip_vision"))
     return backend_from_comfy(
         patcher, device, encode_text=text_encoder(clip), vae=vae, clip_vision=clip_vision, description=str(options)
     )
+
+
+def _load_text_encoders(model_config):
+    """CLIP-L + T5-XXL as DualCLIPLoader (type flux) loads them. ``backend_options: {text_encoders: clip_l}`` loads
+    CLIP-L alone as CLIPLoader type sd3 does (its tokens padded to T5's 4096 width; Flux reads the first 768 pooled
+    values): for smoke tests only (the demo), since Kontext was trained with T5."""
+    import comfy.sd
+
+    clip_l = resolve(model_config.clip_l, "text_encoders", "clip_l")
+    choice = model_config.backend_options.get("text_encoders", "clip_l+t5xxl")
+    if choice == "clip_l":
+        return comfy.sd.load_clip(ckpt_paths=[clip_l], clip_type=comfy.sd.CLIPType.SD3)
+    if choice != "clip_l+t5xxl":
+        raise LoRWeBError(
+            f"model.backend_options.text_encoders {str(choice)[:40]!r}: use clip_l+t5xxl (the default) or clip_l."
+        )
+    t5xxl = resolve(model_config.t5xxl, "text_encoders", "t5xxl")
+    return comfy.sd.load_clip(ckpt_paths=[clip_l, t5xxl], clip_type=comfy.sd.CLIPType.FLUX)
 
 
 def _rotate_pairs(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:

@@ -119,17 +119,43 @@ def load_config(path: str | os.PathLike, overrides: dict | None = None) -> Train
         raise LoRWeBError(f"training config not found: {path}. Give the path of your train.yaml.")
     # the same bounds as a basis config (size, nesting, number of values; no aliases)
     document = read_plain_yaml(path, "Fix the file (see docs/training.md) and run again.") or {}
-    return config_from_mapping(document, path, overrides)
+    return config_from_mapping(document, path, overrides, relative_to=os.path.dirname(os.path.abspath(path)))
 
 
-def config_from_mapping(document: Any, source: str, overrides: dict | None = None) -> TrainingConfig:
+def config_from_mapping(
+    document: Any, source: str, overrides: dict | None = None, relative_to: str = ""
+) -> TrainingConfig:
+    """``relative_to``: the folder relative paths in ``document`` are read from (the config file's own folder, so a
+    config works from wherever the trainer is started). Overrides are command-line values: relative to the current
+    folder, as a shell user expects."""
     if not isinstance(document, dict):
         raise LoRWeBError(f"{source}: the training config must be a mapping of sections, found {type(document)}.")
     config = _build(TrainingConfig, document, source, "")
+    if relative_to:
+        _anchor_paths(config, relative_to)
     for dotted, value in (overrides or {}).items():
         _set_dotted(config, dotted, value, source)
     validate(config, source)
     return config
+
+
+#: config values that are folders or files written by path (anchored to the config's folder when relative)
+_PATH_KEYS = ("output_dir", "data.path", "data.cache_dir", "model.comfyui_root", "model.init")
+#: model files: a path, or a bare name looked up in ComfyUI's model folders (anchored only when the file is there)
+_MODEL_FILE_KEYS = ("model.diffusion_model", "model.clip_l", "model.t5xxl", "model.vae", "model.clip_vision")
+
+
+def _anchor_paths(config: TrainingConfig, folder: str) -> None:
+    for dotted in _PATH_KEYS + _MODEL_FILE_KEYS:
+        section, _, key = dotted.rpartition(".")
+        owner = getattr(config, section) if section else config
+        value = os.path.expanduser(getattr(owner, key))
+        if os.path.isabs(value):
+            setattr(owner, key, value)
+            continue
+        anchored = os.path.join(folder, value)
+        if value and (dotted in _PATH_KEYS or os.path.isfile(anchored)):
+            setattr(owner, key, os.path.normpath(anchored))
 
 
 def _build(cls: type, values: dict, source: str, prefix: str) -> Any:
@@ -225,6 +251,7 @@ def validate(config: TrainingConfig, source: str) -> None:
         (train.timestep_weighting in ("weighted", "none"), "train.timestep_weighting must be weighted or none"),
         (train.save_dtype in ("float16", "bfloat16", "float32"), "train.save_dtype must be float16/bfloat16/float32"),
         (train.save_every >= 1 and train.keep_checkpoints >= 1, "train.save_every and keep_checkpoints must be >= 1"),
+        (isinstance(config.model.backend_options, dict), "model.backend_options must be a mapping (or left out)"),
         (
             train.reverse_weight is None or isinstance(train.reverse_weight, (int, float)),
             "train.reverse_weight must be a number or empty",
