@@ -176,11 +176,13 @@ def text_encoder(clip) -> Callable[[list[str]], tuple[torch.Tensor, torch.Tensor
 
 
 def backend_from_comfy(patcher, device: torch.device, *, encode_text, vae=None, encode_latents=None,
-                       clip_vision=None, embed_images=None, description: str = "") -> FluxBackend:  # fmt: skip
+                       clip_vision=None, embed_images=None, decode_latents=None,
+                       description: str = "") -> FluxBackend:  # fmt: skip
     """A :class:`FluxBackend` around a ComfyUI ModelPatcher (its ``model.diffusion_model`` is what gets trained on).
 
     Latents are ComfyUI's VAE encoding passed through the model's own ``process_latent_in`` (shift and scale), the
-    image embeddings ComfyUI's CLIP vision ``image_embeds`` of the pack's own resized/cropped pixels.
+    image embeddings ComfyUI's CLIP vision ``image_embeds`` of the pack's own resized/cropped pixels. With a VAE,
+    ``decode_latents`` (for samples) undoes the shift and scale (``process_latent_out``) and decodes.
     """
     model = patcher.model
     diffusion_model = model.diffusion_model.to(device)
@@ -190,6 +192,9 @@ def backend_from_comfy(patcher, device: torch.device, *, encode_text, vae=None, 
 
         def encode_latents(images: torch.Tensor) -> torch.Tensor:
             return model.process_latent_in(vae.encode(images[..., :3]).float().cpu())
+
+    if decode_latents is None and vae is not None:
+        decode_latents = vae_decoder(model, vae)
 
     if embed_images is None:
         if clip_vision is None:
@@ -221,4 +226,19 @@ def backend_from_comfy(patcher, device: torch.device, *, encode_text, vae=None, 
         image_size=getattr(clip_vision, "image_size", 224),
         release_encoders=release,
         close=restore_rope,
+        decode_latents=decode_latents,
     )
+
+
+def vae_decoder(model, vae) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Latents as the model sees them -> images ``[N, H, W, 3]`` in 0..1, with the same VAE object that encoded.
+
+    Encoding applied the model's ``process_latent_in`` (Flux: ``(z - shift) * scale``), so decoding first applies
+    its inverse ``process_latent_out``; ComfyUI's ``VAE.decode`` then returns channels-last pixels clamped to 0..1.
+    The closure keeps the VAE after ``release_encoders`` (only the decoder is used)."""
+
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        pixels = vae.decode(model.process_latent_out(latents.detach().float().cpu()))
+        return pixels[..., :3].float().cpu()
+
+    return decode

@@ -1,7 +1,8 @@
 """What the trainer needs from a base model, as plain callables (so the trainer never imports ComfyUI).
 
 The ComfyUI glue (``lorweb_train_comfyui.py``) builds one from ComfyUI's own loaders; tests build one from a tiny
-Flux-shaped torch module. The encoders are used once, to fill the cache, and can then be released.
+Flux-shaped torch module. The encoders are used once, to fill the cache, and can then be released; the VAE's
+decoder (``decode_latents``) is kept when the trainer renders samples.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from lorweb_ops.errors import LoRWeBError
 
 #: images ``[N, H, W, 3]`` in 0..1 -> latents ``[N, C, h, w]`` (already shifted/scaled for the model)
 EncodeLatents = Callable[[torch.Tensor], torch.Tensor]
+#: latents ``[N, C, h, w]`` as the model sees them -> images ``[N, H, W, 3]`` in 0..1 (the inverse of EncodeLatents)
+DecodeLatents = Callable[[torch.Tensor], torch.Tensor]
 #: instructions -> (context ``[N, L, D]``, pooled ``[N, Dv]``)
 EncodeText = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]
 #: resized, centre-cropped images ``[N, S, S, 3]`` -> pooled image embeddings ``[N, d]`` (CLIP ``image_embeds``)
@@ -36,6 +39,7 @@ class FluxBackend:
     image_size: int = 224
     release_encoders: Callable[[], None] = field(default=lambda: None)
     close: Callable[[], None] = field(default=lambda: None)  # undo what the backend changed for training
+    decode_latents: DecodeLatents | None = None  # only needed for samples (train.sample_every)
 
     def predict(self, noisy, sigmas, context, pooled, guidance, reference) -> torch.Tensor:
         dtype = self.compute_dtype

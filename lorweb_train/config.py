@@ -25,6 +25,8 @@ DATA_LAYOUTS = ("auto", "reference", "quadruplets", "pairs")
 #: bounds far above any useful value (Kontext is trained at 512-1024 px), so that a typo cannot ask for terabytes;
 #: the basis' memory is checked against the machine once the model's layer sizes are known (Trainer)
 MAX_RESOLUTION, MAX_BATCH = 4096, 1024
+#: Euler steps per sample: 20-30 are plenty for Flux; more would only stall training while it renders
+MAX_SAMPLE_STEPS = 100
 #: ``name`` becomes file names inside output_dir: one plain file-name part, nothing that could leave the folder
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 
@@ -77,6 +79,9 @@ class TrainConfig:
     log_every: int = 1
     validation_every: int = 0  # steps; 0 = only at the end (when there is a validation split)
     log_with: str = ""  # accelerate tracker: "" | tensorboard | wandb | all
+    sample_every: int = -1  # steps between sample sheets; 0 = never; -1 = auto (250 on CUDA, never on the CPU)
+    sample_steps: int = 20  # Euler steps per rendered sample
+    sample_guidance: float = 2.5  # Flux guidance for samples (the pack's workflows use 2.5 at inference)
 
 
 @dataclass
@@ -252,6 +257,12 @@ def validate(config: TrainingConfig, source: str) -> None:
         (train.save_dtype in ("float16", "bfloat16", "float32"), "train.save_dtype must be float16/bfloat16/float32"),
         (train.save_every >= 1 and train.keep_checkpoints >= 1, "train.save_every and keep_checkpoints must be >= 1"),
         (isinstance(config.model.backend_options, dict), "model.backend_options must be a mapping (or left out)"),
+        (train.sample_every >= -1, "train.sample_every must be a number of steps, 0 (never) or -1 (auto)"),
+        (1 <= train.sample_steps <= MAX_SAMPLE_STEPS, f"train.sample_steps must be within 1..{MAX_SAMPLE_STEPS}"),
+        (
+            math.isfinite(train.sample_guidance) and 0.0 <= train.sample_guidance <= 100.0,
+            "train.sample_guidance must be within 0..100 (Kontext: 2.5)",
+        ),
         (
             train.reverse_weight is None or isinstance(train.reverse_weight, (int, float)),
             "train.reverse_weight must be a number or empty",

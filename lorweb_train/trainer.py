@@ -13,6 +13,7 @@ import math
 import os
 import shutil
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,10 +32,14 @@ from .data import read_dataset
 from .injection import BasisInjector, disable_gradient_checkpointing, enable_gradient_checkpointing, flux_module_shapes
 from .loss import draw_noise, flow_matching_loss, noisy_latents, sigmas_for
 from .plot import write_loss_plot
+from .sampling import bottom_right, euler_sample, grid_quadrants, sample_sheet, sigma_schedule, write_png
 
 _SAVE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _EMBEDDING_NAMES = ("a", "a_prime", "b", "b_prime")
 _MAX_SKIPPED_STEPS = 25  # fp16 overflow skips in a row before the run counts as diverged
+_SAMPLE_ANALOGIES = 4  # rows of a sample sheet: enough to see the edit, few enough not to stall training
+_AUTO_SAMPLE_EVERY = 250  # train.sample_every: -1 on CUDA (a sheet costs ~4 x sample_steps forwards)
+_SAMPLE_SEED_OFFSET = 7_777_777  # sample noise seeds, apart from the per-position training seeds
 
 
 def resolve_device(device: str) -> str:
@@ -115,6 +120,11 @@ class Trainer:
         self.backend = backend or make_backend(config.model, self.device)
         for parameter in self.backend.diffusion_model.parameters():
             parameter.requires_grad_(False)  # frozen base: only the basis trains
+        self.sample_every = self._sample_interval()  # before the cache: a refusal should not wait for encoding
+        if not self.sample_every:
+            self.backend.decode_latents = None  # no samples: let the decoder go with the encoders
+        self._sample_inputs: dict[str, list[torch.Tensor]] = {}
+        self.sampled_at: int | None = None
         self._prepare_data()
         self._build_basis()
         self.losses: list[tuple[int, float]] = []
@@ -182,6 +192,29 @@ class Trainer:
         optimizer = self._optimizer(basis)
         scheduler = self._scheduler(optimizer)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(basis, optimizer, scheduler)
+
+    def _sample_interval(self) -> int:
+        """``train.sample_every`` resolved: -1 (auto) is 250 on CUDA and never on the CPU, where one sheet would
+        cost as much as many training steps. Asked-for samples need the backend's VAE decoder."""
+        configured = self.config.train.sample_every
+        can_decode = self.backend.decode_latents is not None
+        if configured == -1:
+            if self.device.type != "cuda":
+                return 0
+            if not can_decode:
+                self.accelerator.print(
+                    f"LoRWeB training: the backend {self.backend.description!r} has no VAE decoder "
+                    "(decode_latents), so no samples are rendered."
+                )
+                return 0
+            return _AUTO_SAMPLE_EVERY
+        if configured > 0 and not can_decode:
+            raise LoRWeBError(
+                f"train.sample_every is {configured} but the model backend {self.backend.description!r} has no "
+                "decode_latents (VAE decoder), so samples cannot be rendered. Set train.sample_every: 0, or give "
+                "the backend a decode_latents function (model.backend: comfyui has one)."
+            )
+        return configured
 
     def _check_basis_memory(self, shapes: dict, network, query_dim: int) -> None:
         """Before allocating: the basis' fp32 values, gradients and two AdamW states must fit the machine."""
@@ -416,6 +449,59 @@ class Trainer:
         coefficients = self.basis(queries)
         return torch.stack([coefficients[name] for name in self.basis.module_names], dim=1).cpu()
 
+    # ----------------------------------------------------------------------------------------------- samples
+    def sample_files(self) -> list[str]:
+        """The analogies a sample sheet shows: held-out ones when there are any (they show generalisation)."""
+        return (self.validation_files or self.train_files)[:_SAMPLE_ANALOGIES]
+
+    @torch.no_grad()
+    def render_samples(self, files: list[str]) -> list[list[torch.Tensor]]:
+        """Per analogy the tiles ``[a, a', b, b']`` (``[H, W, 3]`` in 0..1), b' rendered with the current basis."""
+        return [self._sample_inputs_of(path) + [self._render(path, row)] for row, path in enumerate(files)]
+
+    def _sample_inputs_of(self, path: str) -> list[torch.Tensor]:
+        """a, a', b decoded from the cached control grid [a | a'] / [b | b], not read from the source images: they
+        go through the same VAE round trip and have the same size as the rendered b', so the sheet compares like
+        with like (and needs no image file during training). Decoded once per analogy."""
+        if path not in self._sample_inputs:
+            control = self.cached[path].latents[GRID_ORDER.index("control_0")][None].to(self.device)
+            quadrants = grid_quadrants(self.backend.decode_latents(control).float().cpu())
+            self._sample_inputs[path] = [quadrants[k][0] for k in ("top_left", "top_right", "bottom_left")]
+        return self._sample_inputs[path]
+
+    def _render(self, path: str, row: int) -> torch.Tensor:
+        """b' of one analogy: Euler sampling of the target grid from fixed noise, Kontext seeing the control grid,
+        the basis mixed in exactly as the loss mixes it; the bottom-right quadrant of the decoded grid."""
+        cached, device, train = self.cached[path], self.device, self.config.train
+        control = cached.latents[GRID_ORDER.index("control_0")][None].to(device)
+        context, pooled = cached.context[None].to(device), cached.pooled[None].to(device)
+        guidance = torch.full((1,), train.sample_guidance, device=device)
+        # its own generator: the same noise at every sheet (comparable between steps), no training RNG consumed
+        generator = torch.Generator().manual_seed(self.config.seed + _SAMPLE_SEED_OFFSET + row)
+        noise = torch.randn((1, *cached.latents.shape[1:]), generator=generator).to(device)
+
+        def predict(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+            with self.accelerator.autocast():
+                return self.backend.predict(x, sigma, context, pooled, guidance, control)
+
+        self.injector.set_mix(self.basis(self._query(cached, 0).to(device)))
+        try:
+            latents = euler_sample(predict, noise, sigma_schedule(train.sample_steps))
+        finally:
+            self.injector.clear_mix()  # the next training forward must start without this mix
+        return bottom_right(self.backend.decode_latents(latents).float().cpu())[0]
+
+    def write_samples(self) -> Path | None:
+        """``<output_dir>/samples/step_N.png``: one row per analogy, columns a, a', b, b'. Main process only."""
+        self.sampled_at = self.step
+        if not self.accelerator.is_main_process:
+            return None
+        folder = Path(self.config.output_dir) / "samples"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"step_{self.step:09d}.png"
+        write_png(sample_sheet(self.render_samples(self.sample_files())), str(path))
+        return path
+
     # ----------------------------------------------------------------------------------------------- loop
     def train(self, on_step_end: Callable[[Trainer], None] | None = None) -> str:
         """Run to ``train.steps``; returns the final basis path. Ctrl-C saves a checkpoint first."""
@@ -426,16 +512,17 @@ class Trainer:
         if config.train.log_with:
             accelerator.init_trackers(config.name)
         bar = _progress(config.train.steps, self.step, accelerator.is_main_process)
-        started, first_step = time.perf_counter(), self.step
+        step_seconds: deque[float] = deque(maxlen=20)  # recent training steps only (not saving or sampling)
         try:
             while self.step < config.train.steps:
+                began = time.perf_counter()
                 loss = self.train_step()
+                step_seconds.append(time.perf_counter() - began)
                 self.losses.append((self.step, loss))
                 if config.train.log_with:
                     accelerator.log({"loss": loss, "lr": self.scheduler.get_last_lr()[0]}, step=self.step)
                 if bar is not None:
-                    rate = (self.step - first_step) / max(1e-9, time.perf_counter() - started)
-                    bar.set_postfix(loss=f"{loss:.4f}", steps_per_s=f"{rate:.2f}")
+                    bar.set_postfix_str(progress_postfix(sum(step_seconds) / len(step_seconds), loss), refresh=False)
                     bar.update(1)
                 if (
                     self.validation_files
@@ -445,6 +532,8 @@ class Trainer:
                     self._record_validation()
                 if self.step % config.train.save_every == 0 and self.step < config.train.steps:
                     self.save_checkpoint()
+                if self.sample_every and self.step % self.sample_every == 0:
+                    self.write_samples()  # after the checkpoint: a failed render never costs a save
                 if on_step_end is not None:
                     on_step_end(self)
         except KeyboardInterrupt:
@@ -457,6 +546,8 @@ class Trainer:
         if self.validation_files:
             self._record_validation()
         self.save_checkpoint()
+        if self.sample_every and self.sampled_at != self.step:
+            self.write_samples()  # the end of training, unless its step already had a sheet
         accelerator.end_training()
         return self.final_basis_path
 
@@ -559,6 +650,15 @@ class Trainer:
         return self.step
 
 
+#: tqdm's own rate is left out (its unit flips between step/s and s/step); the postfix gives seconds per step.
+#: The remaining time comes before the postfix, so a narrow terminal trims the postfix, never the ETA.
+PROGRESS_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]"
+
+
+def progress_postfix(seconds_per_step: float, loss: float) -> str:
+    return f"{seconds_per_step:.2f} s/step, loss {loss:.4f}"
+
+
 def _progress(total: int, start: int, main: bool):
     if not main:
         return None
@@ -566,4 +666,5 @@ def _progress(total: int, start: int, main: bool):
         from tqdm.auto import tqdm
     except ImportError:
         return None
-    return tqdm(total=total, initial=start, desc="LoRWeB training", unit="step", dynamic_ncols=True)
+    return tqdm(total=total, initial=start, desc="LoRWeB training", unit="step", dynamic_ncols=True,
+                bar_format=PROGRESS_FORMAT)  # fmt: skip

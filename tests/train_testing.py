@@ -161,6 +161,11 @@ def pixel_latents(images: torch.Tensor) -> torch.Tensor:
     return F.pixel_unshuffle(images.permute(0, 3, 1, 2) * 2 - 1, 2)
 
 
+def pixel_images(latents: torch.Tensor) -> torch.Tensor:
+    """The exact inverse of :func:`pixel_latents`: ``[N, 12, h, w]`` -> images ``[N, 2h, 2w, 3]`` in 0..1."""
+    return ((F.pixel_shuffle(latents.float(), 2) + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
+
+
 class CharacterText:
     """Instructions -> (context ``[N, L, D]``, pooled ``[N, D]``): fixed random byte embeddings (test encoder)."""
 
@@ -198,6 +203,7 @@ def tiny_backend(model_config, device):
     options = dict(model_config.backend_options or {})
     seed = int(options.pop("seed", 0))
     nan_text = bool(options.pop("nan_text", False))  # a text encoder gone wrong (e.g. CLIP-L in T5's place)
+    decode = bool(options.pop("decode", True))  # False: a backend without a VAE decoder (no samples possible)
     model = tiny_flux(seed, **options).to(device)
     text = CharacterText()
     if nan_text:
@@ -207,7 +213,8 @@ def tiny_backend(model_config, device):
             context, pooled = plain(texts)
             return context * float("nan"), pooled
 
-    return FluxBackend(model, pixel_latents, text, tiny_clip_embedder(), "tiny-flux-test", image_size=224)
+    return FluxBackend(model, pixel_latents, text, tiny_clip_embedder(), "tiny-flux-test", image_size=224,
+                       decode_latents=pixel_images if decode else None)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------- synthetic data
