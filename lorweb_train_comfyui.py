@@ -203,7 +203,9 @@ def backend_from_comfy(patcher, device: torch.device, *, encode_text, vae=None, 
         def embed_images(batch: torch.Tensor) -> torch.Tensor:
             return clip_vision.encode_image(batch, crop=False)["image_embeds"].float().cpu()
 
-    holders = {"vae": vae, "clip_vision": clip_vision, "encode_text": encode_text}
+    # The text encoders (T5-XXL: 5-10 GB) and CLIP vision are reached only through this dict, so that releasing
+    # them after the cache is built really frees them; the VAE stays (small, and samples decode with it).
+    holders = {"encode_text": encode_text, "embed_images": embed_images}
     restore_rope = use_differentiable_rope()
 
     def release() -> None:
@@ -219,8 +221,8 @@ def backend_from_comfy(patcher, device: torch.device, *, encode_text, vae=None, 
     return FluxBackend(
         diffusion_model,
         encode_latents,
-        encode_text,
-        embed_images,
+        _held(holders, "encode_text"),
+        _held(holders, "embed_images"),
         name.strip(),
         compute_dtype=compute_dtype,
         image_size=getattr(clip_vision, "image_size", 224),
@@ -228,6 +230,17 @@ def backend_from_comfy(patcher, device: torch.device, *, encode_text, vae=None, 
         close=restore_rope,
         decode_latents=decode_latents,
     )
+
+
+def _held(holders: dict, name: str) -> Callable:
+    """Calls ``holders[name]`` while the backend still holds that encoder (until ``release_encoders``)."""
+
+    def call(*args):
+        if name not in holders:
+            raise LoRWeBError(f"the backend's {name} encoder was released after the cache was built; load it again.")
+        return holders[name](*args)
+
+    return call
 
 
 def vae_decoder(model, vae) -> Callable[[torch.Tensor], torch.Tensor]:

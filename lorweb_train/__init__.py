@@ -2,7 +2,7 @@
 
 Never imports ComfyUI: the base model comes in as a :class:`FluxBackend`, built by the ComfyUI glue
 (``lorweb_train_comfyui.py``) from ComfyUI's own loaders, or by any other factory.
-Run: ``accelerate launch -m lorweb_train --config train.yaml`` (or ``python -m lorweb_train ...`` on one device).
+Run from the ComfyUI folder: ``python custom_nodes/comfyui-lorweb/scripts/train_basis.py --config my_train.yaml``.
 """
 
 from .backend import FluxBackend, make_backend
