@@ -47,6 +47,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--latent", type=int, default=16, help="latent grid side (pixels / 8)")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--steps", type=int, default=4, help="timed steps per measurement")
+    parser.add_argument("--text-tokens", type=int, default=32, help="T5 tokens (the reference trains with 512)")
+    parser.add_argument(
+        "--base-dtype", choices=["fp32", "bf16", "fp8"], help="frozen Flux weights (default: fp32 on cpu, bf16 on cuda)"
+    )
     parser.add_argument("--sections", nargs="*", default=["pack", "stock", "processes"])
     parser.add_argument("--only", help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path)
@@ -89,9 +93,12 @@ def build_flux(args):
     import torch
     from lorweb_demo import flux_shapes, random_state
 
-    dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
+    base = args.base_dtype or ("fp32" if args.device == "cpu" else "bf16")
+    dtype = torch.float32 if base == "fp32" else torch.bfloat16
     state = random_state(flux_shapes(args.double_blocks, args.single_blocks), dtype, seed=1)
-    return comfy.sd.load_diffusion_model_state_dict(state)
+    # fp8: stored in fp8 and cast per layer for the matmuls, as Load Diffusion Model's weight_dtype fp8_e4m3fn does
+    options = {"dtype": torch.float8_e4m3fn} if base == "fp8" else {}
+    return comfy.sd.load_diffusion_model_state_dict(state, model_options=options)
 
 
 def inputs(args):
@@ -102,7 +109,7 @@ def inputs(args):
     side = args.latent
     latents = torch.randn(args.batch, 16, side, side, generator=generator)
     reference = torch.randn(args.batch, 16, side, side, generator=generator)
-    context = torch.randn(1, 32, 4096, generator=generator)
+    context = torch.randn(1, args.text_tokens, 4096, generator=generator)
     pooled = torch.randn(1, 768, generator=generator)
     return latents, reference, context, pooled
 
@@ -186,8 +193,10 @@ def bench_pack(args, work: Path) -> dict:
         times.append(time.perf_counter() - start)
     peak = memory_peak(args.device, mark)
     parameters = sum(p.numel() for p in trainer.basis.parameters())
+    model_bytes = sum(p.numel() * p.element_size() for p in backend.diffusion_model.parameters())
     trainer.close()
-    return {"pack_step_s": statistics.median(times), "pack_peak_bytes": peak, "pack_parameters": parameters}
+    return {"pack_step_s": statistics.median(times), "pack_peak_bytes": peak, "pack_parameters": parameters,
+            "pack_model_bytes": model_bytes}  # fmt: skip
 
 
 def bench_stock(args, work: Path) -> dict:
