@@ -600,28 +600,28 @@ class Trainer:
         if problem:
             raise self._damaged(path, problem, newest=checkpoint is None)
         state = read_trainer_state(path)
-        self._load_accelerate_state(path)
+        self._load_accelerate_state(path, newest=checkpoint is None)
         self.step = int(state["step"])
         self.losses = [tuple(x) for x in state.get("losses", [])]
         self.validation_losses = [tuple(x) for x in state.get("validation_losses", [])]
         self._saved_step = self.step
         return self.step
 
-    def _load_accelerate_state(self, path: Path) -> None:
+    def _load_accelerate_state(self, path: Path, newest: bool) -> None:
         try:
             self.accelerator.load_state(str(path))
         except torch.OutOfMemoryError:
             raise
         except RuntimeError as error:  # torch's "size mismatch for layers..." when the network differs
             if "size mismatch" not in str(error) and "Missing key" not in str(error):
-                raise self._damaged(path, _short_error(error), newest=False) from None
+                raise self._damaged(path, _short_error(error), newest) from None
             raise LoRWeBError(
                 f"checkpoint {path} was trained with another network (K, rank, keys or modules) than this config's "
                 f"({self.basis.num_loras} LoRAs, rank {self.basis.rank}, keys {self.basis.keys_dim}). Resume with "
                 "the config that run used (its train_config.yaml), or start without --resume in another output_dir."
             ) from None
         except (OSError, EOFError, ValueError, KeyError, pickle.UnpicklingError, SafetensorError) as error:
-            raise self._damaged(path, _short_error(error), newest=False) from None
+            raise self._damaged(path, _short_error(error), newest) from None
 
     def _damaged(self, path: Path, problem: str, newest: bool) -> LoRWeBError:
         which = "the newest checkpoint" if newest else "checkpoint"
