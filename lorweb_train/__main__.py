@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 
 import yaml
@@ -16,6 +17,7 @@ if _ROOT not in sys.path:
 from lorweb_ops.errors import LoRWeBError  # noqa: E402
 
 from .config import load_config  # noqa: E402
+from .stopping import TrainingStopped  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,6 +42,16 @@ def _refuse_another_runs_folder(output_dir: str) -> None:
             f"{output_dir} already holds another run's checkpoints ({checkpoints}). Continue that run with --resume, "
             "or start the new one in another output_dir."
         )
+
+
+def _stopped_message(stopped: TrainingStopped, args: argparse.Namespace) -> str:
+    """The command that continues the run: the same options (they shape the network and data), plus --resume."""
+    words = ["python", "-m", "lorweb_train", "--config", args.config]
+    words += ["--init", args.init] if args.init else []
+    words += [w for item in args.set for w in ("--set", item)]
+    words += ["--device", args.device] if args.device else []
+    command = " ".join(shlex.quote(w) for w in [*words, "--resume"])
+    return f"LoRWeB training: {stopped}. Continue the run with --resume (from the latest checkpoint): {command}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,7 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     except LoRWeBError as error:
         print(f"LoRWeB training: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except TrainingStopped as stopped:
+        if trainer.accelerator.is_main_process:
+            print(_stopped_message(stopped, args), file=sys.stderr)
+        return stopped.exit_code
+    except KeyboardInterrupt:  # Ctrl-C while the model loads: nothing trained yet, nothing to save
         return 130
     trainer.accelerator.print(f"saved {path}")
     return 0

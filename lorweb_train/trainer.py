@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import shutil
 import time
 from collections import deque
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from lorweb_ops.analogy import combine_embeddings
 from lorweb_ops.basis import load_basis
@@ -27,12 +29,14 @@ from lorweb_ops.errors import LoRWeBError
 from .backend import FluxBackend, make_backend
 from .basis_module import TrainableBasis, init_generator, network_from_basis, save_basis
 from .cache import GRID_ORDER, CachedExample, CachedExamples, build_cache, cached_shapes, load_empty_text
+from .checkpoints import STATE_FILE, checkpoint_problem, read_trainer_state
 from .config import TrainingConfig, dump_config, prepare_output_dir
 from .data import read_dataset
 from .injection import BasisInjector, disable_gradient_checkpointing, enable_gradient_checkpointing, flux_module_shapes
 from .loss import draw_noise, flow_matching_loss, noisy_latents, sigmas_for
 from .plot import write_loss_plot
 from .sampling import bottom_right, euler_sample, grid_quadrants, sample_sheet, sigma_schedule, write_png
+from .stopping import StopRequest, TrainingStopped
 
 _SAVE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _EMBEDDING_NAMES = ("a", "a_prime", "b", "b_prime")
@@ -131,6 +135,8 @@ class Trainer:
         self.validation_losses: list[tuple[int, float]] = []
         self.step = 0
         self.skipped_in_a_row = 0
+        self._phase: str | None = None  # "step" or "save" while one runs: the state is then no finished step
+        self._saved_step: int | None = None  # the step of the newest checkpoint on disk
 
     # ----------------------------------------------------------------------------------------------- setup
     def _prepare_data(self) -> None:
@@ -504,20 +510,43 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------- loop
     def train(self, on_step_end: Callable[[Trainer], None] | None = None) -> str:
-        """Run to ``train.steps``; returns the final basis path. Ctrl-C saves a checkpoint first."""
+        """Run to ``train.steps``; returns the final basis path.
+
+        SIGINT and SIGTERM stop the run after the step in progress, with a checkpoint of that step: it raises
+        :class:`TrainingStopped` (a KeyboardInterrupt). A KeyboardInterrupt raised by ``on_step_end`` saves too."""
         config, accelerator = self.config, self.accelerator
         if accelerator.is_main_process:
             os.makedirs(config.output_dir, exist_ok=True)
             dump_config(config, os.path.join(config.output_dir, "train_config.yaml"))
         if config.train.log_with:
             accelerator.init_trackers(config.name)
+        with StopRequest(self._stop_position, announce=accelerator.is_main_process) as stop:
+            signum = self._run_steps(stop, on_step_end)
+            if signum is not None:
+                raise TrainingStopped(signum, self.step, self._checkpoint_of_this_step())
+            if self.validation_files:
+                self._record_validation()
+            self.save_checkpoint()  # a signal now is deferred too: the final save is written whole
+        if self.sample_every and self.sampled_at != self.step:
+            self.write_samples()  # the end of training, unless its step already had a sheet
+        accelerator.end_training()
+        return self.final_basis_path
+
+    def _run_steps(self, stop: StopRequest, on_step_end: Callable[[Trainer], None] | None) -> int | None:
+        """The steps from ``self.step``; returns the signal that stopped them early (None when all ran)."""
+        config, accelerator = self.config, self.accelerator
         bar = _progress(config.train.steps, self.step, accelerator.is_main_process)
         step_seconds: deque[float] = deque(maxlen=20)  # recent training steps only (not saving or sampling)
         try:
             while self.step < config.train.steps:
+                signum = stop.agreed(accelerator)  # at a step boundary: the state is one finished step
+                if signum is not None:
+                    return signum
+                self._phase = "step"
                 began = time.perf_counter()
                 loss = self.train_step()
                 step_seconds.append(time.perf_counter() - began)
+                self._phase = None
                 self.losses.append((self.step, loss))
                 if config.train.log_with:
                     accelerator.log({"loss": loss, "lr": self.scheduler.get_last_lr()[0]}, step=self.step)
@@ -536,20 +565,33 @@ class Trainer:
                     self.write_samples()  # after the checkpoint: a failed render never costs a save
                 if on_step_end is not None:
                     on_step_end(self)
-        except KeyboardInterrupt:
-            accelerator.print(f"\ninterrupted at step {self.step}: saving a checkpoint before exiting")
-            self.save_checkpoint()
+        except KeyboardInterrupt:  # raised by code (on_step_end), or a signal outside the handlers' reach
+            self._interrupted()
             raise
         finally:
             if bar is not None:
                 bar.close()
-        if self.validation_files:
-            self._record_validation()
-        self.save_checkpoint()
-        if self.sample_every and self.sampled_at != self.step:
-            self.write_samples()  # the end of training, unless its step already had a sheet
-        accelerator.end_training()
-        return self.final_basis_path
+        return None
+
+    def _interrupted(self) -> None:
+        """Save on a KeyboardInterrupt only between steps: inside a step or a save the state is no finished step."""
+        if self._phase is not None:
+            self.accelerator.print(
+                f"\ninterrupted inside a {self._phase} after step {self.step}: no checkpoint was written for it; the "
+                f"last complete one in {self.checkpoint_root} is kept"
+            )
+            return
+        self.accelerator.print(f"\ninterrupted at step {self.step}: saving a checkpoint before exiting")
+        self._checkpoint_of_this_step()
+
+    def _stop_position(self) -> tuple[int, bool]:
+        """For the signal handler: the step the run stops after, and whether a checkpoint is being written."""
+        return self.step + (self._phase == "step"), self._phase == "save"
+
+    def _checkpoint_of_this_step(self) -> Path:
+        if self._saved_step == self.step:
+            return self.checkpoint_root / _checkpoint_name(self.step)
+        return self.save_checkpoint()
 
     def _record_validation(self) -> None:
         value = float(self.validation_loss().mean())
@@ -577,6 +619,15 @@ class Trainer:
 
         Written to ``step_N.tmp`` and renamed when complete, so an interrupted save never replaces a good one.
         """
+        previous, self._phase = self._phase, "save"  # a signal now waits for the save (see StopRequest)
+        try:
+            final = self._write_checkpoint()
+        finally:
+            self._phase = previous
+        self._saved_step = self.step
+        return final
+
+    def _write_checkpoint(self) -> Path:
         accelerator = self.accelerator
         dtype = _SAVE_DTYPES[self.config.train.save_dtype]  # a value can be finite in fp32 and overflow fp16
         if not _all_finite(p.detach().to(dtype) for p in self.basis.parameters()):  # never a NaN/Inf checkpoint
@@ -585,7 +636,7 @@ class Trainer:
                 f"checkpoint was written; the last one in {self.checkpoint_root} is kept. The training diverged: "
                 "lower train.lr and check the data (or use train.save_dtype float32 if it only overflows float16)."
             )
-        final = self.checkpoint_root / f"step_{self.step:08d}"
+        final = self.checkpoint_root / _checkpoint_name(self.step)
         temporary = final.with_name(final.name + ".tmp")
         if accelerator.is_main_process:
             shutil.rmtree(temporary, ignore_errors=True)
@@ -626,28 +677,69 @@ class Trainer:
         return complete[-1] if complete else None
 
     def resume(self, checkpoint: str | os.PathLike | None = None) -> int:
-        """Restore a checkpoint (the latest when None); returns the step it continues from."""
+        """Restore a checkpoint (the latest when None); returns the step it continues from.
+
+        A damaged checkpoint is a message naming the newest whole one before it, never a silent fallback: the user
+        decides whether to lose the steps in between."""
         path = Path(checkpoint) if checkpoint else self.latest_checkpoint()
-        if path is None or not (path / "trainer_state.json").is_file():
+        if path is None or not (path / STATE_FILE).is_file():
             raise LoRWeBError(
                 f"no complete checkpoint to resume from in {self.checkpoint_root if path is None else path}. "
                 "Start without --resume, or give a checkpoints/step_N folder."
             )
+        problem = checkpoint_problem(path)
+        if problem:
+            raise self._damaged(path, problem, newest=checkpoint is None)
+        state = read_trainer_state(path)
+        self._load_accelerate_state(path, newest=checkpoint is None)
+        self.step = int(state["step"])
+        self.losses = [tuple(x) for x in state.get("losses", [])]
+        self.validation_losses = [tuple(x) for x in state.get("validation_losses", [])]
+        self._saved_step = self.step
+        return self.step
+
+    def _load_accelerate_state(self, path: Path, newest: bool) -> None:
         try:
             self.accelerator.load_state(str(path))
+        except torch.OutOfMemoryError:
+            raise
         except RuntimeError as error:  # torch's "size mismatch for layers..." when the network differs
             if "size mismatch" not in str(error) and "Missing key" not in str(error):
-                raise
+                raise self._damaged(path, _short_error(error), newest) from None
             raise LoRWeBError(
                 f"checkpoint {path} was trained with another network (K, rank, keys or modules) than this config's "
                 f"({self.basis.num_loras} LoRAs, rank {self.basis.rank}, keys {self.basis.keys_dim}). Resume with "
                 "the config that run used (its train_config.yaml), or start without --resume in another output_dir."
             ) from None
-        state = json.loads((path / "trainer_state.json").read_text())
-        self.step = int(state["step"])
-        self.losses = [tuple(x) for x in state["losses"]]
-        self.validation_losses = [tuple(x) for x in state.get("validation_losses", [])]
-        return self.step
+        except (OSError, EOFError, ValueError, KeyError, pickle.UnpicklingError, SafetensorError) as error:
+            raise self._damaged(path, _short_error(error), newest) from None
+
+    def _damaged(self, path: Path, problem: str, newest: bool) -> LoRWeBError:
+        which = "the newest checkpoint" if newest else "checkpoint"
+        earlier = self._whole_checkpoint_before(path)
+        instead = (
+            f"Resume from the earlier complete checkpoint: --resume {earlier}, or start again"
+            if earlier
+            else "No earlier complete checkpoint is left: start again"
+        )
+        return LoRWeBError(
+            f"{which} {path} is damaged ({problem}), so the run cannot continue from it. {instead} (without "
+            f"--resume, in another output_dir)."
+        )
+
+    def _whole_checkpoint_before(self, path: Path) -> Path | None:
+        """The newest checkpoint beside ``path`` and older than it whose files look whole."""
+        siblings = sorted(p for p in path.parent.glob("step_*") if not p.name.endswith(".tmp") and p.name < path.name)
+        return next((p for p in reversed(siblings) if checkpoint_problem(p) is None), None)
+
+
+def _short_error(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:200]}"
+
+
+def _checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}"
 
 
 #: tqdm's own rate is left out (its unit flips between step/s and s/step); the postfix gives seconds per step.

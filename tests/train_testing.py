@@ -12,7 +12,9 @@ import json
 import math
 import os
 import random
+import signal
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -213,8 +215,62 @@ def tiny_backend(model_config, device):
             context, pooled = plain(texts)
             return context * float("nan"), pooled
 
+    if os.environ.get(SIGNAL_HOOK):
+        install_signal_hook(os.environ[SIGNAL_HOOK], model)
     return FluxBackend(model, pixel_latents, text, tiny_clip_embedder(), "tiny-flux-test", image_size=224,
                        decode_latents=pixel_images if decode else None)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------- signal timing
+SIGNAL_HOOK = "LORWEB_TEST_SIGNAL"  # read here only, by the test backend in a CLI process the tests start
+
+
+def install_signal_hook(spec: str, model: nn.Module) -> None:
+    """Make a signal land at an exact moment of the run in this process (the trainer never reads the variable).
+
+    ``optimizer:N:INT``: SIGINT to itself right after the N-th optimizer.step(), before the step counter moves;
+    ``forward:N:TERM``: SIGTERM in the N-th forward of the model (mid-step);
+    ``save:N:<folder>``: in the N-th checkpoint save, once accelerate has written its files into ``step_M.tmp``,
+    create ``<folder>/saving`` and wait (up to 60 s) for ``<folder>/sent``: the test signals from outside meanwhile.
+    """
+    where, count, what = spec.split(":", 2)
+    calls = {"n": 0}
+
+    def reached() -> bool:
+        calls["n"] += 1
+        return calls["n"] == int(count)
+
+    def send(*args) -> None:
+        if reached():
+            os.kill(os.getpid(), getattr(signal, f"SIG{what}"))
+
+    if where == "optimizer":
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        register_optimizer_step_post_hook(send)
+    elif where == "forward":
+        model.register_forward_pre_hook(send)
+    elif where == "save":
+        _pause_saves(reached, Path(what))
+    else:
+        raise ValueError(f"{SIGNAL_HOOK}={spec!r}: unknown moment {where!r}")
+
+
+def _pause_saves(reached, folder: Path) -> None:
+    import accelerate
+
+    save_state = accelerate.Accelerator.save_state
+
+    def paused(self, *args, **kwargs):
+        result = save_state(self, *args, **kwargs)
+        if reached():
+            (folder / "saving").write_text(str(args[0] if args else kwargs))
+            deadline = time.monotonic() + 60
+            while not (folder / "sent").exists() and time.monotonic() < deadline:
+                time.sleep(0.02)  # the signal handlers run between these sleeps
+        return result
+
+    accelerate.Accelerator.save_state = paused
 
 
 # ----------------------------------------------------------------------------------------------- synthetic data
