@@ -83,7 +83,7 @@ class RssSampler:
 
 # ------------------------------------------------------------------------------------------------ fixtures
 def start(args) -> None:
-    from run_analogy import start_comfyui
+    from comfy_harness import start_comfyui
 
     start_comfyui(args.comfyui.resolve(), cpu=args.device == "cpu", extra_args=[])
 
