@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -103,6 +104,13 @@ def prepare_demo_files(cache: Path | None) -> Path:
     return cache
 
 
+def _copy_whole(source: Path, target: Path) -> None:
+    """Copied under this process' own temporary name and renamed: a runner reading the cache never sees half."""
+    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
+    shutil.copyfile(source, partial)
+    os.replace(partial, target)
+
+
 def run_demo(argv: list[str]) -> int:
     from lorweb_train.__main__ import main
 
@@ -119,8 +127,8 @@ def run_demo(argv: list[str]) -> int:
     if code:
         return code
     lorweb = cache / "lorweb"  # where run_analogy.py --demo finds it, with its mixing settings as <stem>.yaml
-    shutil.copyfile(args.out / f"{DEMO_NAME}.safetensors", lorweb / f"{DEMO_NAME}.safetensors")
-    shutil.copyfile(args.out / "config.yaml", lorweb / f"{DEMO_NAME}.yaml")
+    _copy_whole(args.out / f"{DEMO_NAME}.safetensors", lorweb / f"{DEMO_NAME}.safetensors")
+    _copy_whole(args.out / "config.yaml", lorweb / f"{DEMO_NAME}.yaml")
     cache_option = f" --demo-cache {args.demo_cache}" if args.demo_cache else ""
     print(
         f"demo: trained {args.steps} steps in {time.perf_counter() - started:.0f} s; basis copied to "
