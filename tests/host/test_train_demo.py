@@ -14,12 +14,18 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from comfy_host import COMFYUI_PYTHON, COMFYUI_ROOT, REPO_ROOT
 from safetensors.torch import load_file
+
+sys.path.insert(0, str(REPO_ROOT / "scripts"))
+from lorweb_demo import FILES  # noqa: E402  (importing it imports no ComfyUI)
 
 TRAIN = REPO_ROOT / "scripts" / "train_basis.py"
 RUNNER = REPO_ROOT / "scripts" / "run_analogy.py"
 TIMEOUT_SECONDS = 1200
+#: training config key -> the demo file for it (lorweb_demo.FILES keys)
+_MODEL_FILES = {"diffusion_model": "unet", "clip_l": "clip_l", "vae": "vae", "clip_vision": "clip_vision"}
 
 
 def _run(*command: str) -> subprocess.CompletedProcess:
@@ -63,3 +69,26 @@ def test_the_demo_basis_applies_in_comfyui(demo_run, tmp_path):
         "--basis", "lorweb_demo_trained.safetensors", "--out", str(tmp_path),
     )  # fmt: skip
     assert (tmp_path / "demo_b_b_prime.png").is_file()  # the runner refuses a flat (NaN) image itself
+
+
+def test_nan_text_encodings_stop_the_run_and_leave_no_basis(demo_run, tmp_path):
+    """The run a user reported: CLIP-L's file given as the T5-XXL (ComfyUI then encodes NaN). It must stop at the
+    cache with the pack's message naming the text encoder, exit 2, and write no basis or checkpoint."""
+    cache = demo_run["cache"]
+    document = yaml.safe_load((demo_run["out"] / "train_demo.yaml").read_text())
+    document["output_dir"] = str(tmp_path / "nan-run")
+    document["model"].update(
+        backend_options={},  # CLIP-L + "T5" as DualCLIPLoader loads them
+        **{key: str(cache.joinpath(*FILES[demo_key])) for key, demo_key in _MODEL_FILES.items()},
+        t5xxl=str(cache.joinpath(*FILES["clip_l"])),
+    )
+    config = tmp_path / "nan.yaml"
+    config.write_text(yaml.safe_dump(document))
+    result = subprocess.run(
+        [COMFYUI_PYTHON or sys.executable, str(TRAIN), "--config", str(config)],
+        cwd=COMFYUI_ROOT, capture_output=True, text=True, timeout=TIMEOUT_SECONDS,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-5000:]
+    assert "LoRWeB training:" in result.stderr and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "text encoder" in result.stderr, result.stderr[-3000:]
+    assert not list((tmp_path / "nan-run").rglob("*.safetensors"))
