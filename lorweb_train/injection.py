@@ -24,8 +24,17 @@ _BLOCK_KINDS = (("double_blocks", "transformer_blocks", DOUBLE_BLOCK_LAYERS),
                 ("single_blocks", "single_transformer_blocks", SINGLE_BLOCK_LAYERS))  # fmt: skip
 
 
-def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
-    return {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
+    return {name: module for name, module in model.named_modules() if is_linear(module)}
+
+
+def is_linear(module: nn.Module) -> bool:
+    """A torch Linear, or a host's quantized one: ComfyUI loads fp8-scaled files (the fp8 Kontext) into its
+    mixed-precision Linear, an ``nn.Module`` with ``in_features``/``out_features`` and a quantized weight."""
+    if isinstance(module, nn.Linear):
+        return True
+    sizes = (getattr(module, "in_features", None), getattr(module, "out_features", None))
+    return all(isinstance(size, int) for size in sizes) and getattr(module, "weight", None) is not None
 
 
 def flux_module_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
