@@ -6,11 +6,17 @@ Used by bench_lorweb.py (a fresh process per measurement, so peak RSS belongs to
 * ``pack``: the pack's reader (the safetensors library validates, plain reads copy the bytes out);
 * ``library-view``: ``safetensors.safe_open`` / ``get_tensor`` alone (tensors are views of a shared memory map);
 * ``library-copy``: the same, each tensor cloned out of the map;
+* ``plain-read``: the whole file in one read into a fresh buffer (no parsing, no checks: the floor);
 
 plus the cost of telling a replaced file from the cached one: a ``stat`` (what the cache uses), a hash of the
 header, a hash of the whole file.
 
+With ``--vs-read`` it measures the pack's first load against ``plain-read`` (one read of the whole file into a
+fresh buffer: the least any reader can do), alternating the two in fresh processes, the page cache warmed first;
+it prints each one's runs, their medians and the ratio (the target: at most 2).
+
     python benchmarks/load_probe.py --compare models/lorweb/lorweb_model.safetensors
+    python benchmarks/load_probe.py --vs-read --repeats 7 models/lorweb/lorweb_model.safetensors
 """
 
 import argparse
@@ -30,7 +36,7 @@ import torch  # noqa: E402
 
 import lorweb_ops  # noqa: E402
 
-READERS = ("pack", "library-view", "library-copy")
+READERS = ("pack", "library-view", "library-copy", "plain-read")
 
 
 def current_rss() -> int:
@@ -59,12 +65,22 @@ def anonymous_rss() -> int:
 def read_with(reader: str, path: str) -> dict:
     if reader == "pack":
         return lorweb_ops.load_basis(path).weights
+    if reader == "plain-read":
+        return {"file": plain_read(path)}
     from safetensors import safe_open
 
     with safe_open(path, framework="pt") as handle:
         if reader == "library-view":
             return {key: handle.get_tensor(key) for key in handle.keys()}
         return {key: handle.get_tensor(key).clone() for key in handle.keys()}
+
+
+def plain_read(path: str) -> torch.Tensor:
+    """The whole file in one read into memory of its own, as the pack's reader ends up (no checks, no parsing)."""
+    buffer = torch.empty(os.path.getsize(path), dtype=torch.uint8)
+    with open(path, "rb") as handle:
+        handle.readinto(buffer.numpy())
+    return buffer
 
 
 def measure(reader: str, path: str) -> dict:
@@ -119,17 +135,33 @@ def compare(path: str, repeats: int) -> dict:
     """Every reader in fresh processes (median of ``repeats``), and the identity costs."""
     results = {"file_bytes": os.path.getsize(path), "readers": {}}
     for reader in READERS:
-        runs = [
-            json.loads(
-                subprocess.run(
-                    [sys.executable, __file__, "--reader", reader, path], capture_output=True, text=True, check=True
-                ).stdout
-            )
-            for _ in range(repeats)
-        ]
+        runs = [probe(reader, path) for _ in range(repeats)]
         results["readers"][reader] = {k: statistics.median(run[k] for run in runs) for k in runs[0] if k != "reader"}
     results["identity"] = identity_costs(path)
     return results
+
+
+def probe(reader: str, path: str) -> dict:
+    """One measurement in a fresh process (its own torch start-up, empty basis cache, its own peak RSS)."""
+    command = [sys.executable, __file__, "--reader", reader, path]
+    return json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
+
+
+def versus_read(path: str, repeats: int) -> dict:
+    """The pack's first load against a plain read of the same file, alternating so both see the same load."""
+    plain_read(path)  # the page cache warm for both, as for any file read twice
+    runs: dict[str, list[float]] = {"pack": [], "plain-read": []}
+    for _ in range(repeats):
+        for reader in runs:
+            runs[reader].append(probe(reader, path)["first_seconds"])
+    medians = {reader: statistics.median(times) for reader, times in runs.items()}
+    return {
+        "file_bytes": os.path.getsize(path),
+        "torch_threads": torch.get_num_threads(),
+        "runs_seconds": {reader: [round(t, 3) for t in times] for reader, times in runs.items()},
+        "median_seconds": medians,
+        "pack_vs_plain_read": medians["pack"] / medians["plain-read"],
+    }
 
 
 def main(argv=None) -> None:
@@ -137,8 +169,12 @@ def main(argv=None) -> None:
     parser.add_argument("path")
     parser.add_argument("--reader", choices=READERS, default="pack")
     parser.add_argument("--compare", action="store_true", help="all readers side by side, and identity costs")
+    parser.add_argument("--vs-read", action="store_true", help="the pack's first load against a plain read")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
+    if args.vs_read:
+        print(json.dumps(versus_read(args.path, args.repeats), indent=1))
+        return
     result = compare(args.path, args.repeats) if args.compare else measure(args.reader, args.path)
     print(json.dumps(result, indent=1 if args.compare else None))
 

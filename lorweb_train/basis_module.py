@@ -22,6 +22,7 @@ from torch.nn.utils import skip_init
 from lorweb_ops.basis import TRAINER_SOFTWARE, LoraBasis
 from lorweb_ops.config import BasisSettings
 from lorweb_ops.errors import LoRWeBError
+from lorweb_ops.finite import all_finite
 from lorweb_ops.mixing import coefficients_from_projected
 
 from .config import NetworkConfig
@@ -175,8 +176,8 @@ def ai_toolkit_config(name: str, basis: TrainableBasis, extra_train: dict | None
 
 
 def check_finite_tensors(tensors: dict[str, torch.Tensor], what: str) -> None:
-    """Refuse to write NaN/Inf: a broken basis must never reach a file (one reduction per tensor, max propagates)."""
-    bad = [name for name, tensor in tensors.items() if not torch.isfinite(tensor.float().abs().amax())]
+    """Refuse to write NaN/Inf: a broken basis must never reach a file (checked as it will be stored)."""
+    bad = [name for name, tensor in tensors.items() if not all_finite(tensor)]
     if bad:
         raise LoRWeBError(
             f"{what} holds NaN or Inf values ({len(bad)} tensors, e.g. {bad[0]}), so it was not saved; the last "
