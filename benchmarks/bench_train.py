@@ -96,8 +96,9 @@ def build_flux(args):
     base = args.base_dtype or ("fp32" if args.device == "cpu" else "bf16")
     dtype = torch.float32 if base == "fp32" else torch.bfloat16
     state = random_state(flux_shapes(args.double_blocks, args.single_blocks), dtype, seed=1)
-    # fp8: stored in fp8 and cast per layer for the matmuls, as Load Diffusion Model's weight_dtype fp8_e4m3fn does
-    options = {"dtype": torch.float8_e4m3fn} if base == "fp8" else {}
+    # the weights' dtype is asked for explicitly (ComfyUI would pick fp32 on a CPU); fp8: stored in fp8 and cast per
+    # layer for the matmuls, as Load Diffusion Model's weight_dtype fp8_e4m3fn does
+    options = {"dtype": {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}[base]}
     return comfy.sd.load_diffusion_model_state_dict(state, model_options=options)
 
 
