@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 from comfy_host import COMFYUI_PYTHON, COMFYUI_ROOT, REPO_ROOT
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
 from lorweb_demo import FILES  # noqa: E402  (importing it imports no ComfyUI)
@@ -71,24 +71,59 @@ def test_the_demo_basis_applies_in_comfyui(demo_run, tmp_path):
     assert (tmp_path / "demo_b_b_prime.png").is_file()  # the runner refuses a flat (NaN) image itself
 
 
+def _demo_config(demo_run: dict, folder: Path, **model) -> Path:
+    """The demo's config with the demo files by path (a plain --config run registers no demo folders)."""
+    cache = demo_run["cache"]
+    document = yaml.safe_load((demo_run["out"] / "train_demo.yaml").read_text())
+    document["output_dir"] = str(folder / "run")
+    document["model"].update({key: str(cache.joinpath(*FILES[demo_key])) for key, demo_key in _MODEL_FILES.items()})
+    document["model"].update(model)
+    config = folder / "train.yaml"
+    config.write_text(yaml.safe_dump(document))
+    return config
+
+
+def _train(config: Path) -> subprocess.CompletedProcess:
+    command = [COMFYUI_PYTHON or sys.executable, str(TRAIN), "--config", str(config)]
+    return subprocess.run(command, cwd=COMFYUI_ROOT, capture_output=True, text=True, timeout=TIMEOUT_SECONDS)
+
+
 def test_nan_text_encodings_stop_the_run_and_leave_no_basis(demo_run, tmp_path):
     """The run a user reported: CLIP-L's file given as the T5-XXL (ComfyUI then encodes NaN). It must stop at the
     cache with the pack's message naming the text encoder, exit 2, and write no basis or checkpoint."""
-    cache = demo_run["cache"]
-    document = yaml.safe_load((demo_run["out"] / "train_demo.yaml").read_text())
-    document["output_dir"] = str(tmp_path / "nan-run")
-    document["model"].update(
-        backend_options={},  # CLIP-L + "T5" as DualCLIPLoader loads them
-        **{key: str(cache.joinpath(*FILES[demo_key])) for key, demo_key in _MODEL_FILES.items()},
-        t5xxl=str(cache.joinpath(*FILES["clip_l"])),
-    )
-    config = tmp_path / "nan.yaml"
-    config.write_text(yaml.safe_dump(document))
-    result = subprocess.run(
-        [COMFYUI_PYTHON or sys.executable, str(TRAIN), "--config", str(config)],
-        cwd=COMFYUI_ROOT, capture_output=True, text=True, timeout=TIMEOUT_SECONDS,
-    )  # fmt: skip
+    clip_l = str(demo_run["cache"].joinpath(*FILES["clip_l"]))
+    result = _train(_demo_config(demo_run, tmp_path, backend_options={}, t5xxl=clip_l))  # as DualCLIPLoader loads
     assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-5000:]
     assert "LoRWeB training:" in result.stderr and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert "text encoder" in result.stderr, result.stderr[-3000:]
-    assert not list((tmp_path / "nan-run").rglob("*.safetensors"))
+    assert not list((tmp_path / "run").rglob("*.safetensors"))
+
+
+def _scaled_fp8_copy(source: Path, target: Path) -> None:
+    """The demo Flux in the layout of the fp8-scaled Kontext users download: the block Linears' weights in
+    float8_e4m3fn, each with its ``scale_weight``, and the ``scaled_fp8`` marker ComfyUI detects the format by."""
+    converted = {}
+    for key, value in load_file(str(source)).items():
+        if key.endswith(".weight") and value.ndim == 2 and "blocks." in key:
+            scale = value.float().abs().amax().clamp(min=1e-12) / torch.finfo(torch.float8_e4m3fn).max
+            converted[key] = (value.float() / scale).to(torch.float8_e4m3fn)
+            converted[key.removesuffix("weight") + "scale_weight"] = scale.reshape(())
+        else:
+            converted[key] = value
+    converted["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    save_file(converted, str(target))
+
+
+def test_the_fp8_scaled_kontext_layout_trains(demo_run, tmp_path):
+    """ComfyUI loads fp8-scaled files into its quantized Linear modules (0.8.0 and newer: mixed-precision ops, not
+    nn.Linear); the trainer must find and train through them (it once refused the README's fp8 Kontext)."""
+    flux = tmp_path / "flux_fp8_scaled.safetensors"
+    _scaled_fp8_copy(demo_run["cache"].joinpath(*FILES["unet"]), flux)
+    config = _demo_config(demo_run, tmp_path, diffusion_model=str(flux), weight_dtype="default")
+    document = yaml.safe_load(config.read_text())
+    document["train"].update(steps=1, save_every=1)
+    config.write_text(yaml.safe_dump(document))
+    result = _train(config)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    basis = load_file(str(tmp_path / "run" / "lorweb_demo_trained.safetensors"))
+    assert len(basis) == 80 and all(torch.isfinite(t.float()).all() for t in basis.values())
