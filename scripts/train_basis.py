@@ -42,7 +42,14 @@ DEMO_SETTINGS = {
     "device": "cpu",
     "data": {"resolution": 64, "layout": "pairs"},
     "network": {"num_loras": 4, "rank": 2, "keys_dim": 16},
-    "train": {"batch_size": 2, "steps": 3, "save_every": 3, "optimizer": "adamw", "mixed_precision": "no"},
+    "train": {
+        "batch_size": 2,
+        "steps": 3,
+        "save_every": 3,
+        "optimizer": "adamw",
+        "mixed_precision": "no",
+        "gradient_checkpointing": False,  # two blocks at 64 px: recomputing them would only cost time
+    },
     # the demo Flux is stored in fp8 as a user's fp8 Kontext is; CLIP-L alone stands in for the T5-XXL, whose
     # full-size demo file takes minutes per prompt on a CPU
     "model": {"weight_dtype": "fp8_e4m3fn", "backend_options": {"text_encoders": "clip_l"}},
