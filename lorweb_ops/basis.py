@@ -177,6 +177,8 @@ def _load_file_cached(path: str) -> _LoadedFile:
 
 def _read_basis_file(path: str) -> _LoadedFile:
     file_identity(path)
+    if os.path.isdir(path):
+        raise LoRWeBError(f"{path} is a folder, not a basis file. Give the path of the basis .safetensors file.")
     if not path.lower().endswith(".safetensors"):
         raise LoRWeBError(
             f"{os.path.basename(path)} is not a .safetensors file. Only safetensors bases are loaded "

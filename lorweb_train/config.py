@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from lorweb_ops.checks import show
 from lorweb_ops.config import QUERY_MODE_EMBEDDINGS, read_plain_yaml
 from lorweb_ops.errors import LoRWeBError
 
@@ -27,6 +28,9 @@ DATA_LAYOUTS = ("auto", "reference", "quadruplets", "pairs")
 MAX_RESOLUTION, MAX_BATCH = 4096, 1024
 #: Euler steps per sample: 20-30 are plenty for Flux; more would only stall training while it renders
 MAX_SAMPLE_STEPS = 100
+#: steps and accumulation far above any run (the reference trains 10k steps); with them and the seed bounded, every
+#: per-sample generator seed (seed * 1_000_003 + position) stays within the 64 bits torch accepts
+MAX_STEPS, MAX_ACCUMULATION, MAX_SEED = 10**8, 1024, 2**32 - 1
 #: ``name`` becomes file names inside output_dir: one plain file-name part, nothing that could leave the folder
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 
@@ -123,7 +127,12 @@ def load_config(path: str | os.PathLike, overrides: dict | None = None) -> Train
     if not os.path.isfile(path):
         raise LoRWeBError(f"training config not found: {path}. Give the path of your train.yaml.")
     # the same bounds as a basis config (size, nesting, number of values; no aliases)
-    document = read_plain_yaml(path, "Fix the file (see docs/training.md) and run again.") or {}
+    document = read_plain_yaml(path, "Fix the file (see docs/training.md) and run again.")
+    if document is None:
+        raise LoRWeBError(
+            f"{path} is empty (or only comments). Write the training settings into it, at least data.path "
+            "(see docs/training.md)."
+        )
     return config_from_mapping(document, path, overrides, relative_to=os.path.dirname(os.path.abspath(path)))
 
 
@@ -134,7 +143,10 @@ def config_from_mapping(
     config works from wherever the trainer is started). Overrides are command-line values: relative to the current
     folder, as a shell user expects."""
     if not isinstance(document, dict):
-        raise LoRWeBError(f"{source}: the training config must be a mapping of sections, found {type(document)}.")
+        raise LoRWeBError(
+            f"{source}: the training config must be a mapping of sections, found {show(document)}. Write it as "
+            "'data:', 'network:', 'train:' ... sections with keys below them (see docs/training.md)."
+        )
     config = _build(TrainingConfig, document, source, "")
     if relative_to:
         _anchor_paths(config, relative_to)
@@ -168,15 +180,16 @@ def _build(cls: type, values: dict, source: str, prefix: str) -> Any:
     instance = cls()
     for key, value in values.items():
         if key not in known:
-            hint = difflib.get_close_matches(str(key), list(known), n=1)
+            hint = difflib.get_close_matches(str(key)[:100], list(known), n=1)
             suggestion = f" Did you mean {prefix + hint[0]!r}?" if hint else ""
             raise LoRWeBError(
-                f"{source}: unknown config key {prefix + str(key)!r}.{suggestion} Known keys here: {', '.join(known)}."
+                f"{source}: unknown config key {show(prefix + str(key), 100)}.{suggestion} Known keys here: "
+                f"{', '.join(known)}."
             )
         default = getattr(instance, key)
         if is_dataclass(default):
             if not isinstance(value, dict):
-                raise LoRWeBError(f"{source}: {prefix}{key} must be a section (a mapping), found {value!r}.")
+                raise LoRWeBError(f"{source}: {prefix}{key} must be a section (a mapping), found {show(value)}.")
             value = _build(type(default), value, source, f"{prefix}{key}.")
         else:
             value = _coerce(value, default, f"{prefix}{key}", source)
@@ -207,7 +220,7 @@ def _coerce(value: Any, default: Any, name: str, source: str) -> Any:
             return value
         if value is None:
             return ""
-    raise LoRWeBError(f"{source}: {name} must be a {type(default).__name__} (like {default!r}), found {value!r}.")
+    raise LoRWeBError(f"{source}: {name} must be a {type(default).__name__} (like {default!r}), found {show(value)}.")
 
 
 def _set_dotted(config: TrainingConfig, dotted: str, value: Any, source: str) -> None:
@@ -242,6 +255,13 @@ def validate(config: TrainingConfig, source: str) -> None:
         (data.resolution >= 16, "data.resolution must be at least 16 pixels"),
         (train.batch_size >= 1 and train.steps >= 1, "train.batch_size and train.steps must be >= 1"),
         (train.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps must be >= 1"),
+        (train.steps <= MAX_STEPS, f"train.steps must be at most {MAX_STEPS}"),
+        (
+            train.gradient_accumulation_steps <= MAX_ACCUMULATION,
+            f"train.gradient_accumulation_steps must be at most {MAX_ACCUMULATION}",
+        ),
+        (0 <= config.seed <= MAX_SEED, f"seed must be within 0..{MAX_SEED}"),
+        (train.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
         (math.isfinite(train.lr) and train.lr > 0, "train.lr must be a positive finite number, e.g. 1e-3"),
         (_betas_ok(train.betas), "train.betas must be two numbers within 0..1 (1 excluded), e.g. [0.9, 0.99]"),
         (math.isfinite(train.weight_decay) and train.weight_decay >= 0, "train.weight_decay must be >= 0"),
@@ -264,9 +284,10 @@ def validate(config: TrainingConfig, source: str) -> None:
             "train.sample_guidance must be within 0..100 (Kontext: 2.5)",
         ),
         (
-            train.reverse_weight is None or isinstance(train.reverse_weight, (int, float)),
-            "train.reverse_weight must be a number or empty",
+            math.isfinite(train.guidance) and 0.0 <= train.guidance <= 100.0,
+            "train.guidance must be within 0..100 (Kontext trains with 1)",
         ),
+        (_reverse_weight_ok(train.reverse_weight), "train.reverse_weight must be a finite number >= 0, or empty"),
     ]
     for ok, message in checks:
         if not ok:
@@ -277,6 +298,12 @@ def validate(config: TrainingConfig, source: str) -> None:
         raise LoRWeBError(f"{source}: device {config.device[:40]!r} is not one of auto, cpu, cuda, cuda:N.")
     _check_name(config.name, source)
     _check_output_dir(config.output_dir, source)
+
+
+def _reverse_weight_ok(weight: Any) -> bool:
+    if weight is None:
+        return True
+    return isinstance(weight, (int, float)) and not isinstance(weight, bool) and math.isfinite(weight) and weight >= 0
 
 
 def _betas_ok(betas: Any) -> bool:

@@ -3,7 +3,8 @@
 (a) ``reference``: the reference's preprocessed layout, ``control/<id>.jpg`` = [a | a' | b] side by side,
     ``target/<id>.jpg`` = b', ``target/<id>.txt`` = the instruction.
 (b) ``quadruplets``: ``metadata.jsonl`` lines ``{"a", "a_prime", "b", "b_prime", "instruction"}`` (paths relative to
-    the file), or folders ``a/ a_prime/ b/ b_prime/`` with the same file names and ``instructions/<stem>.txt``.
+    the file, inside the data folder), or folders ``a/ a_prime/ b/ b_prime/`` with the same file names and
+    ``instructions/<stem>.txt``.
 (c) ``pairs``: ``metadata.jsonl`` lines ``{"a", "a_prime", "instruction"}`` or folders ``a/ a_prime/``; each pair
     becomes the self-analogy (a, a', a, a') and is trained with LoC's LoRA Reverse term.
 """
@@ -21,6 +22,10 @@ from lorweb_ops.errors import LoRWeBError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 ROLES = ("a", "a_prime", "b", "b_prime")
+#: an instruction is a sentence (T5 reads at most 512 tokens of it); a larger file is not one, and is not read whole
+MAX_INSTRUCTION_BYTES = 64 * 1024
+#: a metadata.jsonl line: four image paths and an instruction
+MAX_METADATA_LINE = MAX_INSTRUCTION_BYTES + 16 * 1024
 
 
 @dataclass(frozen=True)
@@ -76,7 +81,7 @@ def read_reference(root: Path) -> list[Example]:
         if not caption.is_file():
             raise LoRWeBError(f"{target}: its instruction file {caption.name} is missing. Write the edit into it.")
         sources = {"a": (control, 0, 3), "a_prime": (control, 1, 3), "b": (control, 2, 3), "b_prime": target}
-        examples.append(Example(control.stem, sources, caption.read_text(encoding="utf-8").strip()))
+        examples.append(Example(control.stem, sources, _read_instruction(caption)))
     return examples
 
 
@@ -106,8 +111,12 @@ def _read_metadata(root: Path, roles: tuple[str, ...], pair_only: bool) -> list[
                 f"{metadata} line {number}: missing {', '.join(missing)}. Each line needs "
                 f"{', '.join(roles)} (image paths relative to the file) and instruction."
             )
-        sources = {role: _existing(root / str(record[role]), f"{metadata} line {number}") for role in roles}
-        examples.append(Example(str(record.get("id", number)), sources, str(record["instruction"]), pair_only))
+        where = f"{metadata} line {number}"
+        sources = {role: _existing(root, record[role], where) for role in roles}
+        instruction = str(record["instruction"])
+        if len(instruction.encode("utf-8", "replace")) > MAX_INSTRUCTION_BYTES:
+            raise LoRWeBError(f"{where}: the instruction is {_too_long(len(instruction.encode('utf-8', 'replace')))}")
+        examples.append(Example(str(record.get("id", number))[:200], sources, instruction, pair_only))
     return examples
 
 
@@ -124,14 +133,43 @@ def _read_folders(root: Path, roles: tuple[str, ...]) -> list[Example]:
                 )
             sources[role] = match
         caption = root / "instructions" / f"{first.stem}.txt"
-        instruction = caption.read_text(encoding="utf-8").strip() if caption.is_file() else ""
+        instruction = _read_instruction(caption) if caption.is_file() else ""
         examples.append(Example(first.stem, sources, instruction, False))
     return examples
 
 
 def _lines(path: Path):
-    with open(path, encoding="utf-8") as handle:
-        yield from enumerate(handle, start=1)
+    """The lines of ``path``, each read with a bound (a line without an end is not read whole)."""
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(iter(lambda: handle.readline(MAX_METADATA_LINE + 1), b""), start=1):
+            if len(raw) > MAX_METADATA_LINE:
+                raise LoRWeBError(
+                    f"{path} line {number} is longer than {MAX_METADATA_LINE // 1024} kB; a line holds four image "
+                    "paths and an instruction (a sentence). Fix that line (one example per line)."
+                )
+            try:
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise LoRWeBError(f"{path} line {number} is not UTF-8 text. Save the file as UTF-8.") from None
+
+
+def _too_long(size: int) -> str:
+    return (
+        f"{size} bytes, more than the {MAX_INSTRUCTION_BYTES // 1024} kB an instruction may have (the text "
+        "encoder reads a sentence or two). Write the edit as a short sentence."
+    )
+
+
+def _read_instruction(path: Path) -> str:
+    """An instruction file, read with a bound."""
+    with open(path, "rb") as handle:
+        raw = handle.read(MAX_INSTRUCTION_BYTES + 1)
+    if len(raw) > MAX_INSTRUCTION_BYTES:
+        raise LoRWeBError(f"instruction file {path} is {_too_long(os.path.getsize(path))}")
+    try:
+        return raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise LoRWeBError(f"instruction file {path} is not UTF-8 text. Save it as UTF-8.") from None
 
 
 def _json_line(path: Path, number: int, line: str) -> dict:
@@ -152,7 +190,19 @@ def _find_image(folder: Path, stem: str) -> Path | None:
     return next((folder / f"{stem}{ext}" for ext in IMAGE_EXTENSIONS if (folder / f"{stem}{ext}").is_file()), None)
 
 
-def _existing(path: Path, where: str) -> Path:
+def _existing(root: Path, value: object, where: str) -> Path:
+    """The image ``value`` names, relative to the data folder; a path that leaves the folder is refused (a data set
+    from elsewhere must not make the trainer read, and train on, files outside the folder it was given)."""
+    relative = str(value)
+    normal = os.path.normpath(relative)
+    if "\0" in relative:
+        raise LoRWeBError(f"{where}: image path {relative[:200]!r} holds a NUL character. Fix the path.")
+    if os.path.isabs(relative) or normal == ".." or normal.startswith(".." + os.sep):
+        raise LoRWeBError(
+            f"{where}: image path {relative[:200]!r} leaves the data folder {root}. Put the images in that folder "
+            "(or below it) and give their paths relative to metadata.jsonl."
+        )
+    path = root / relative
     if not path.is_file():
         raise LoRWeBError(f"{where}: image {path} does not exist. Fix the path (relative to metadata.jsonl).")
     return path

@@ -105,6 +105,8 @@ class Trainer:
         self.config = config
         prepare_output_dir(config.output_dir)  # before any model is loaded: an unwritable folder fails now
         prepare_output_dir(config.cache_dir, "data.cache_dir")
+        # the --init file is read and checked before the model loads: a bad file is a message in seconds
+        self.init = load_basis(config.model.init, use_cache=False) if config.model.init else None
         cpu = resolve_device(config.device) == "cpu"
         self.accelerator = accelerator or Accelerator(
             cpu=cpu,  # without it accelerate ignores a multi-process CPU launch
@@ -124,6 +126,9 @@ class Trainer:
         self.backend = backend or make_backend(config.model, self.device)
         for parameter in self.backend.diffusion_model.parameters():
             parameter.requires_grad_(False)  # frozen base: only the basis trains
+        self.model_shapes = flux_module_shapes(self.backend.diffusion_model)
+        self.network = network_from_basis(self.init, config.network) if self.init else config.network
+        self.module_names = self._module_names()  # before the cache: a misfit --init should not wait for encoding
         self.sample_every = self._sample_interval()  # before the cache: a refusal should not wait for encoding
         if not self.sample_every:
             self.backend.decode_latents = None  # no samples: let the decoder go with the encoders
@@ -166,14 +171,9 @@ class Trainer:
         self.reverse_default = config.train.reverse_weight
         self._permutations: dict[int, torch.Tensor] = {}
 
-    def _build_basis(self) -> None:
-        config, model = self.config, self.backend.diffusion_model
-        model_shapes = flux_module_shapes(model)
-        network = config.network
-        init = None
-        if config.model.init:
-            init = load_basis(config.model.init, use_cache=False)
-            network = network_from_basis(init, network)
+    def _module_names(self) -> list[str]:
+        """The modules the basis trains, checked against the model (and the --init file's shapes against them)."""
+        network, model_shapes, init = self.network, self.model_shapes, self.init
         names = list(model_shapes) if network.modules in ("all", None, "") else list(network.modules)
         unknown = [name for name in names if name not in model_shapes]
         if unknown:
@@ -182,9 +182,19 @@ class Trainer:
                 f"{source} names modules the model does not have (e.g. {unknown[:3]}); it was made for another "
                 "model. Use a basis for this model (or module names it has)."
             )
-        query_dim = self.embed_dim * (3 if network.query_mode == "cat-aa'b" else 1)
         if init is not None:
-            self._check_init_fits(init, model_shapes, names, query_dim)
+            self._check_init_fits(init, model_shapes, names)
+        return names
+
+    def _build_basis(self) -> None:
+        config, model = self.config, self.backend.diffusion_model
+        model_shapes, network, init, names = self.model_shapes, self.network, self.init, self.module_names
+        query_dim = self.embed_dim * (3 if network.query_mode == "cat-aa'b" else 1)
+        if init is not None and init.query_dim != query_dim:
+            raise LoRWeBError(
+                f"--init {init.path}: the basis expects queries of {init.query_dim} values but the image encoder "
+                f"gives {query_dim}. Use the encoder the basis was trained with ({init.settings.external_query_model})."
+            )
         shapes = {name: model_shapes[name] for name in names}
         self._check_basis_memory(shapes, network, query_dim)
         basis = TrainableBasis(shapes, network, query_dim, init_generator(config.seed))
@@ -234,7 +244,8 @@ class Trainer:
                 f"{available / 2**30:.1f} GiB of {self.device}. Lower network.num_loras, rank or keys_dim."
             )
 
-    def _check_init_fits(self, init, model_shapes, names, query_dim) -> None:
+    @staticmethod
+    def _check_init_fits(init, model_shapes, names) -> None:
         for name in names:
             stored = init.module(name)
             if (stored.in_features, stored.out_features) != model_shapes[name]:
@@ -243,11 +254,6 @@ class Trainer:
                     f"model's is {model_shapes[name][0]} -> {model_shapes[name][1]}. The basis was made for "
                     "another model; load the matching Kontext model or train from scratch."
                 )
-        if init.query_dim != query_dim:
-            raise LoRWeBError(
-                f"--init {init.path}: the basis expects queries of {init.query_dim} values but the image encoder "
-                f"gives {query_dim}. Use the encoder the basis was trained with ({init.settings.external_query_model})."
-            )
 
     def _optimizer(self, basis: TrainableBasis) -> torch.optim.Optimizer:
         train = self.config.train
