@@ -229,6 +229,7 @@ def backend_from_comfy(patcher, device: torch.device, *, encode_text, vae=None, 
         release_encoders=release,
         close=restore_rope,
         decode_latents=decode_latents,
+        needs_checkpointing=True,  # ComfyUI's Flux blocks add residuals in place (x += ...)
     )
 
 

@@ -40,6 +40,9 @@ class FluxBackend:
     release_encoders: Callable[[], None] = field(default=lambda: None)
     close: Callable[[], None] = field(default=lambda: None)  # undo what the backend changed for training
     decode_latents: DecodeLatents | None = None  # only needed for samples (train.sample_every)
+    #: the blocks must be checkpointed: their forward adds residuals in place on tensors the backward needs
+    #: (ComfyUI's Flux does), which only a recomputed block can go through
+    needs_checkpointing: bool = False
 
     def predict(self, noisy, sigmas, context, pooled, guidance, reference) -> torch.Tensor:
         dtype = self.compute_dtype

@@ -203,7 +203,13 @@ class Trainer:
         basis.to(self.device)
         self.basis = basis
         self.injector = BasisInjector(model, basis).attach()
-        if config.train.gradient_checkpointing:
+        if config.train.gradient_checkpointing or self.backend.needs_checkpointing:
+            if not config.train.gradient_checkpointing:
+                self.accelerator.print(
+                    "LoRWeB training: gradient checkpointing is on although train.gradient_checkpointing is false: "
+                    f"{self.backend.description}'s blocks add their residuals in place, which only recomputed "
+                    "blocks can be trained through."
+                )
             enable_gradient_checkpointing(model)
         optimizer = self._optimizer(basis)
         scheduler = self._scheduler(optimizer)

@@ -48,7 +48,6 @@ DEMO_SETTINGS = {
         "save_every": 3,
         "optimizer": "adamw",
         "mixed_precision": "no",
-        "gradient_checkpointing": False,  # two blocks at 64 px: recomputing them would only cost time
     },
     # the demo Flux is stored in fp8 as a user's fp8 Kontext is; CLIP-L alone stands in for the T5-XXL, whose
     # full-size demo file takes minutes per prompt on a CPU
