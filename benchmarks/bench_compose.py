@@ -10,6 +10,13 @@ Per method and N = 2, 3, 4: wall time per step (median), model forwards per step
 diffusion model (independent of the composition code), their ratios to merge, and the memory the composition holds
 (cached contributions and LoRA factors). Also the cost of one full re-patch of the LoRA weights, which a per-step
 switch through ComfyUI's weight patching would pay at every change. Random weights of the real width.
+
+Section ``bypass`` (hosts with ``comfy.sd.load_bypass_lora_for_models``, ComfyUI 0.33; elsewhere it only reports that
+the host lacks it): core's bypass LoRA against the pack's own hooks and merge for N LoRAs at fixed strengths, the
+outputs compared, and a per-step switch expressed with core bypass through public APIs (one sampler call and one
+model clone per step). ``--sections bypass`` runs it alone:
+
+    python benchmarks/bench_compose.py --comfyui ~/ComfyUI --sections bypass --steps 4 --json bypass.json
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ sys.path.insert(0, str(BENCH_DIR))
 from bench_lorweb import build_flux, module_names, start, write_ordinary_lora  # noqa: E402
 
 METHODS = ("merge", "switch", "composite", "cmlora", "cmlora_uncached")
+SECTIONS = ("compose", "bypass")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -41,6 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--latent", type=int, default=32, help="latent side (32 = a 256 px image)")
     parser.add_argument("--counts", type=int, nargs="*", default=[2, 3, 4])
     parser.add_argument("--repeats", type=int, default=1, help="timed repeats (median), after one warm-up")
+    parser.add_argument("--sections", nargs="*", default=list(SECTIONS), choices=SECTIONS)
     parser.add_argument("--json", type=Path)
     return parser.parse_args(argv)
 
@@ -118,34 +127,38 @@ def repatch_seconds(model, lora_set) -> float:
 def run(args) -> dict:
     start(args)  # ComfyUI first: comfy.* is importable only once it is on sys.path with its arguments parsed
     import comfy.model_management as mm
-    import comfy.sample
+
+    model = build_flux(args)
+    inputs = sampling_inputs(args)
+    results = {"steps": args.steps, "rank": args.rank, "latent": args.latent, "device": args.device}
+    if "compose" in args.sections:
+        bench_methods(args, model, inputs, results)
+    if "bypass" in args.sections:
+        import bench_bypass
+
+        results["bypass"] = bench_bypass.bench_bypass(args, model, inputs)
+    mm.unload_all_models()
+    return results
+
+
+def bench_methods(args, model, inputs, results: dict) -> None:
+    """Every compose method for each N, with the same random LoRA N times (cost only)."""
     from safetensors.torch import load_file
 
     import nodes
     from lorweb_ops.compose import LoraSet, SetEntry
 
-    model = build_flux(args)
     with tempfile.TemporaryDirectory(prefix="lorweb-bench-compose-") as folder:
         lora_path = Path(folder) / "lora.safetensors"
         write_ordinary_lora(lora_path, module_names(args.double_blocks, args.single_blocks), args.rank)
         state = load_file(str(lora_path))
-    latent, positive, noise = sampling_inputs(args)
     compose = nodes.NODE_CLASS_MAPPINGS["LoRWeB_ComposeLoRASet"]
-    results = {"steps": args.steps, "rank": args.rank, "latent": args.latent, "device": args.device, "runs": {}}
+    results["runs"] = {}
     for count in args.counts:
         lora_set = LoraSet(tuple(SetEntry(f"lora{i}", "lora", 1.0, state=state) for i in range(count)), count - 1)
         for method in METHODS:
             composed = compose.execute(model, lora_set, **compose_settings(method)).result[0]
-            sampled, calls = counted(composed)
-
-            def sample(m=sampled, steps=args.steps):
-                comfy.sample.sample(m, noise, steps, 1.0, "euler", "simple", positive, positive, latent, seed=0)
-
-            mm.unload_all_models()
-            sample(steps=1)  # warm-up: loads (and for merge patches) the model, untimed
-            calls.clear()
-            seconds = median_seconds(sample, args.repeats, warm_up=False) / args.steps
-            forwards = len(calls) / args.repeats / args.steps
+            seconds, forwards, _, _ = timed_sampling(composed, inputs, args.steps, args.repeats)
             results["runs"][f"{method}/N={count}"] = {
                 "seconds_per_step": seconds,
                 "forwards_per_step": forwards,
@@ -153,10 +166,35 @@ def run(args) -> dict:
             }
             print(f"{method:16s} N={count}: {seconds:.3f} s/step, {forwards:.2f} forwards/step", file=sys.stderr)
         results[f"repatch_seconds_N={count}"] = repatch_seconds(model, lora_set)
+    results["one_forward_seconds"] = results["runs"][f"merge/N={args.counts[0]}"]["seconds_per_step"]
+
+
+def sample_once(model, inputs, steps: int, **options):
+    """One euler sampling at cfg 1 (``options``: start_step/last_step/... of ``comfy.sample.sample``)."""
+    import comfy.sample
+
+    latent, positive, noise = inputs
+    latent = options.pop("latent", latent)
+    noise = options.pop("noise", noise)
+    sampler = ("euler", "simple")
+    return comfy.sample.sample(model, noise, steps, 1.0, *sampler, positive, positive, latent, seed=0, **options)
+
+
+def timed_sampling(model, inputs, steps: int, repeats: int):
+    """(median s/step, forwards/step, the 1-step sample, the last timed sample).
+
+    The untimed 1-step warm-up loads the model (and for merge patches it); with euler from the first sigma to 0
+    its result is the model's denoised prediction itself, which the bypass section compares between paths.
+    """
+    import comfy.model_management as mm
+
+    sampled, calls = counted(model)
     mm.unload_all_models()
-    one_forward = results["runs"][f"merge/N={args.counts[0]}"]["seconds_per_step"]
-    results["one_forward_seconds"] = one_forward
-    return results
+    prediction = sample_once(sampled, inputs, 1)
+    calls.clear()
+    last = []
+    seconds = median_seconds(lambda: last.append(sample_once(sampled, inputs, steps)), repeats, warm_up=False)
+    return seconds / steps, len(calls) / repeats / steps, prediction, last[-1]
 
 
 def _held_bytes(model) -> int:
@@ -176,6 +214,15 @@ def _held_bytes(model) -> int:
 
 
 def report(results: dict) -> list[str]:
+    lines = report_methods(results) if "runs" in results else []
+    if "bypass" in results:
+        import bench_bypass
+
+        lines += bench_bypass.report(results["bypass"])
+    return lines
+
+
+def report_methods(results: dict) -> list[str]:
     lines = ["| method | N | s/step | × merge | forwards/step | held MB |", "|---|---|---|---|---|---|"]
     for key, row in results["runs"].items():
         method, count = key.split("/N=")
