@@ -96,7 +96,10 @@ def test_nan_text_encodings_stop_the_run_and_leave_no_basis(demo_run, tmp_path):
     assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-5000:]
     assert "LoRWeB training:" in result.stderr and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert "text encoder" in result.stderr, result.stderr[-3000:]
-    assert not list((tmp_path / "run").rglob("*.safetensors"))
+    run = tmp_path / "run"
+    assert not list(run.glob("*.safetensors")) and not (run / "checkpoints").exists()  # no basis, no checkpoint
+    for cached in run.rglob("*.safetensors"):  # what the cache kept (the images' encodings) is finite: reusable
+        assert all(torch.isfinite(t.float()).all() for t in load_file(str(cached)).values()), cached
 
 
 def _scaled_fp8_copy(source: Path, target: Path) -> None:
