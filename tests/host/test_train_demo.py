@@ -12,10 +12,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
 from comfy_host import COMFYUI_PYTHON, COMFYUI_ROOT, REPO_ROOT
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
@@ -121,15 +123,20 @@ def test_the_fp8_scaled_kontext_layout_trains_and_blocks_are_always_checkpointed
     """ComfyUI loads fp8-scaled files into its quantized Linear modules (0.8.0 and newer: mixed-precision ops, not
     nn.Linear); the trainer must find and train through them (it once refused the README's fp8 Kontext). Asked for
     no gradient checkpointing, it checkpoints anyway and says why: ComfyUI's Flux blocks add residuals in place, and
-    backward through them without recomputation fails ("modified by an inplace operation")."""
+    backward through them without recomputation fails ("modified by an inplace operation"). The same run renders a
+    sample sheet through ComfyUI's VAE decoder (a, a', b, b' per row)."""
     flux = tmp_path / "flux_fp8_scaled.safetensors"
     _scaled_fp8_copy(demo_run["cache"].joinpath(*FILES["unet"]), flux)
     config = _demo_config(demo_run, tmp_path, diffusion_model=str(flux), weight_dtype="default")
     document = yaml.safe_load(config.read_text())
-    document["train"].update(steps=1, save_every=1, gradient_checkpointing=False)
+    document["train"].update(steps=1, save_every=1, gradient_checkpointing=False, sample_every=1, sample_steps=2)
     config.write_text(yaml.safe_dump(document))
     result = _train(config)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     assert "gradient checkpointing is on although" in result.stdout + result.stderr
     basis = load_file(str(tmp_path / "run" / "lorweb_demo_trained.safetensors"))
     assert len(basis) == 80 and all(torch.isfinite(t.float()).all() for t in basis.values())
+    sheet = Image.open(tmp_path / "run" / "samples" / "step_000000001.png")
+    tile = sheet.width // 4  # four columns of equal tiles, one row per example (the demo's four pairs)
+    assert sheet.width == 4 * tile and sheet.height == 4 * tile and tile >= 16
+    assert np.asarray(sheet).std() > 0  # not one flat colour (what NaN would give)
