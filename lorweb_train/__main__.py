@@ -44,9 +44,18 @@ def _refuse_another_runs_folder(output_dir: str) -> None:
         )
 
 
+def _launcher() -> list[str]:
+    """How this run was started: ``scripts/train_basis.py`` (from the ComfyUI folder, where ``-m lorweb_train``
+    is not importable) or the package itself."""
+    script = sys.argv[0] if sys.argv else ""
+    if not script or os.path.basename(script) == "__main__.py":
+        return ["python", "-m", "lorweb_train"]
+    return ["python", script]
+
+
 def _stopped_message(stopped: TrainingStopped, args: argparse.Namespace) -> str:
     """The command that continues the run: the same options (they shape the network and data), plus --resume."""
-    words = ["python", "-m", "lorweb_train", "--config", args.config]
+    words = [*_launcher(), "--config", args.config]
     words += ["--init", args.init] if args.init else []
     words += [w for item in args.set for w in ("--set", item)]
     words += ["--device", args.device] if args.device else []

@@ -208,3 +208,26 @@ def test_the_handlers_are_restored_after_the_run():
         signal.raise_signal(signal.SIGINT)
     assert request.signum == signal.SIGTERM
     assert {s: signal.getsignal(s) for s in before} == before
+
+
+SCRIPT = "custom_nodes/comfyui-lorweb/scripts/train_basis.py"  # the README's command from the ComfyUI folder
+
+
+@pytest.mark.parametrize(
+    "script, launcher",
+    [
+        (
+            "custom_nodes/comfyui-lorweb/scripts/train_basis.py",
+            "python custom_nodes/comfyui-lorweb/scripts/train_basis.py",
+        ),
+        (str(Path("lorweb_train") / "__main__.py"), "python -m lorweb_train"),
+    ],
+)
+def test_the_resume_command_is_the_one_the_run_was_started_with(monkeypatch, script, launcher):
+    """From the ComfyUI folder the run starts as scripts/train_basis.py, where ``-m lorweb_train`` is no module."""
+    from lorweb_train.__main__ import _stopped_message, parse_args
+    from lorweb_train.stopping import TrainingStopped
+
+    monkeypatch.setattr(sys, "argv", [script, "--config", "my train.yaml"])
+    message = _stopped_message(TrainingStopped(2, 3, "ck"), parse_args(["--config", "my train.yaml"]))
+    assert message.endswith(f"{launcher} --config 'my train.yaml' --resume")
