@@ -104,10 +104,10 @@ def ensure_demo_files(cache: Path, log: Callable[[str], None] = print) -> None:
         if rewrite or not path.is_file():
             log(f"demo: writing random {folder} weights to {path}")
             path.parent.mkdir(parents=True, exist_ok=True)
-            _atomic(path, writers[key])
-    _atomic(cache / "lorweb" / "config.yaml", write_basis_config)
+            write_whole(path, writers[key])
+    write_whole(cache / "lorweb" / "config.yaml", write_basis_config)
     write_demo_images(cache / "images")
-    _atomic(manifest, lambda path: path.write_text(json.dumps(_manifest(cache))))
+    write_whole(manifest, lambda path: path.write_text(json.dumps(_manifest(cache))))
 
 
 def _manifest(cache: Path) -> dict:
@@ -118,7 +118,7 @@ def _manifest(cache: Path) -> dict:
     return {"format": FORMAT, "files": sizes}
 
 
-def _atomic(path: Path, writer: Callable[[Path], None]) -> None:
+def write_whole(path: Path, writer: Callable[[Path], None]) -> None:
     # A half-written file from an interrupted run must never look like a finished one. The temporary name is the
     # process' own: processes of one torchrun / accelerate launch may write the same demo file at the same time.
     partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
@@ -414,5 +414,7 @@ def write_demo_images(folder: Path) -> dict[str, Path]:
     }
     for name, (kind, colour) in shapes.items():
         if not (folder / name).is_file():
-            _atomic(folder / name, lambda path, kind=kind, colour=colour: demo_shape(kind, colour).save(path, "PNG"))
+            write_whole(
+                folder / name, lambda path, kind=kind, colour=colour: demo_shape(kind, colour).save(path, "PNG")
+            )
     return {role: folder / name for role, name in IMAGES.items()}

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import time
@@ -110,14 +109,9 @@ def prepare_demo_files(cache: Path | None) -> Path:
     return cache
 
 
-def _copy_whole(source: Path, target: Path) -> None:
-    """Copied under this process' own temporary name and renamed: a runner reading the cache never sees half."""
-    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
-    shutil.copyfile(source, partial)
-    os.replace(partial, target)
-
-
 def run_demo(argv: list[str]) -> int:
+    from lorweb_demo import write_whole
+
     from lorweb_train.__main__ import main
 
     args = parse_demo_args(argv)
@@ -133,8 +127,12 @@ def run_demo(argv: list[str]) -> int:
     if code:
         return code
     lorweb = cache / "lorweb"  # where run_analogy.py --demo finds it, with its mixing settings as <stem>.yaml
-    _copy_whole(args.out / f"{DEMO_NAME}.safetensors", lorweb / f"{DEMO_NAME}.safetensors")
-    _copy_whole(args.out / "config.yaml", lorweb / f"{DEMO_NAME}.yaml")
+
+    def copy_of(name: str):  # whole or not at all: a runner reading the shared demo cache never sees half a file
+        return lambda partial: shutil.copyfile(args.out / name, partial)
+
+    write_whole(lorweb / f"{DEMO_NAME}.safetensors", copy_of(f"{DEMO_NAME}.safetensors"))
+    write_whole(lorweb / f"{DEMO_NAME}.yaml", copy_of("config.yaml"))
     cache_option = f" --demo-cache {args.demo_cache}" if args.demo_cache else ""
     print(
         f"demo: trained {args.steps} steps in {time.perf_counter() - started:.0f} s; basis copied to "
