@@ -144,9 +144,9 @@ def bench_pack(args, work: Path) -> dict:
     import torch
     from PIL import Image
 
+    from lorweb_train.backends.comfyui import backend_from_comfy
     from lorweb_train.config import config_from_mapping
     from lorweb_train.trainer import Trainer
-    from lorweb_train_comfyui import backend_from_comfy
 
     patcher = build_flux(args)
     latents, reference, context, pooled = inputs(args)
@@ -202,9 +202,8 @@ def bench_pack(args, work: Path) -> dict:
 
 def bench_stock(args, work: Path) -> dict:
     """ComfyUI's TrainLoraNode, rank 128, same model, text and number of image tokens."""
-    import torch
-
     import nodes
+    import torch
 
     if "TrainLoraNode" not in nodes.NODE_CLASS_MAPPINGS:
         import asyncio
@@ -213,7 +212,7 @@ def bench_stock(args, work: Path) -> dict:
     train_node = nodes.NODE_CLASS_MAPPINGS.get("TrainLoraNode")
     if train_node is None or not hasattr(train_node, "define_schema"):
         return {"stock_error": "this ComfyUI has no V3 TrainLoraNode (0.8.0 or newer needed)"}
-    from lorweb_train_comfyui import use_differentiable_rope
+    from lorweb_train.backends.comfyui import use_differentiable_rope
 
     restore = use_differentiable_rope()  # the same swap the pack's trainer needs; without it no backward at all
     patcher = build_flux(args)

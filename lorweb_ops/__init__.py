@@ -1,6 +1,6 @@
 """LoRWeB as a plain library: basis file -> analogy query -> per-module coefficients -> low-rank patches.
 
-No ComfyUI import anywhere in this package; the nodes in ``nodes/`` adapt ComfyUI types to these functions.
+No ComfyUI import anywhere in this package; the nodes in ``lorweb_comfy/`` adapt ComfyUI types to these functions.
 """
 
 from .adjust import adjust_mix, blend_weights, is_probability_mix, parse_overrides

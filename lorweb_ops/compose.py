@@ -1,7 +1,7 @@
 """Composing several LoRAs over the denoising steps (LoRA Switch, LoRA Composite, CMLoRA) as plain maths.
 
 Everything here is a function of the step index ``s`` in ``0..T-1`` and the number of LoRAs; the ComfyUI glue
-(``nodes/compose_runtime.py``) only asks these functions what to run at each model call. The low-rank terms are
+(``lorweb_comfy/compose_runtime.py``) only asks these functions what to run at each model call. The low-rank terms are
 applied on the activations (``x @ down.T @ up.T``), so base weights are never touched.
 
 References: LoRA Switch / Composite (Zhong et al. 2024), CMLoRA (Zou et al., ICLR 2025, code ``Yqcca/CMLoRA``).

@@ -1,7 +1,7 @@
 """Train or fine-tune a LoRWeB basis (plain library: torch, safetensors, PyYAML, Pillow; HF accelerate to run).
 
 Never imports ComfyUI: the base model comes in as a :class:`FluxBackend`, built by the ComfyUI glue
-(``lorweb_train_comfyui.py``) from ComfyUI's own loaders, or by any other factory.
+(``lorweb_train/backends/comfyui.py``) from ComfyUI's own loaders, or by any other factory.
 Run from the ComfyUI folder: ``python custom_nodes/comfyui-lorweb/scripts/train_basis.py --config my_train.yaml``.
 """
 

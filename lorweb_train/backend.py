@@ -1,8 +1,8 @@
 """What the trainer needs from a base model, as plain callables (so the trainer never imports ComfyUI).
 
-The ComfyUI glue (``lorweb_train_comfyui.py``) builds one from ComfyUI's own loaders; tests build one from a tiny
-Flux-shaped torch module. The encoders are used once, to fill the cache, and can then be released; the VAE's
-decoder (``decode_latents``) is kept when the trainer renders samples.
+The ComfyUI glue (``lorweb_train/backends/comfyui.py``) builds one from ComfyUI's own loaders; tests build one
+from a tiny Flux-shaped torch module. The encoders are used once, to fill the cache, and can then be released; the
+VAE's decoder (``decode_latents``) is kept when the trainer renders samples.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def make_backend(model_config, device: torch.device) -> FluxBackend:
     """``model.backend``: ``comfyui`` (the glue beside the nodes) or ``package.module:factory``."""
     spec = model_config.backend
     if spec == "comfyui":
-        spec = "lorweb_train_comfyui:comfyui_backend"
+        spec = "lorweb_train.backends.comfyui:comfyui_backend"
     module_name, _, function = spec.partition(":")
     try:
         factory = getattr(importlib.import_module(module_name), function)

@@ -54,7 +54,7 @@ def start_comfyui(
     root = Path(root)
     if not (root / "main.py").is_file() or not (root / "comfy" / "model_patcher.py").is_file():
         raise HarnessError(f"{root} is not a ComfyUI folder (no main.py / comfy/model_patcher.py)")
-    sys.path.insert(0, str(root))  # first: the pack's nodes/ package must not shadow ComfyUI's nodes.py
+    sys.path.insert(0, str(root))  # first, as main.py runs: ComfyUI's own modules win every name
     argv = ["main.py", *(["--cpu"] if cpu else []), *extra_args]
     if base_directory is not None:
         argv += ["--base-directory", str(base_directory)]
@@ -134,9 +134,8 @@ def load_nodes(
 ) -> ModuleType:
     """ComfyUI's built-in nodes, the packs in its custom_nodes folders when ``custom_nodes``, then each pack of
     ``packs`` (folder -> a node id it registers) whose node is not loaded yet. Returns ComfyUI's ``nodes``."""
-    import server
-
     import nodes
+    import server
 
     server.PromptServer.instance = stand_in
     asyncio.run(nodes.init_extra_nodes(init_custom_nodes=custom_nodes, init_api_nodes=False))

@@ -32,7 +32,7 @@ from PIL import Image, ImageDraw
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
-    # appended, never first: the pack's nodes/ package must not shadow ComfyUI's nodes.py
+    # appended, never first: nothing of ComfyUI's is shadowed (the pack's __init__.py does the same)
     sys.path.append(str(REPO_ROOT))
 
 from lorweb_ops.flux_map import module_shape, released_module_names  # noqa: E402  (plain library, no ComfyUI)

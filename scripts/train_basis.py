@@ -28,7 +28,7 @@ SCRIPTS = Path(__file__).absolute().parent
 PACK_DIR = SCRIPTS.parent
 for _folder in (str(PACK_DIR), str(SCRIPTS)):
     if _folder not in sys.path:
-        sys.path.append(_folder)  # appended: the pack's nodes/ package must not shadow ComfyUI's nodes.py
+        sys.path.append(_folder)  # appended, as the pack's __init__.py does: one import identity
 
 EXAMPLE_CONFIG = PACK_DIR / "training" / "train_example.yaml"
 DEMO_NAME = "lorweb_demo_trained"
@@ -99,7 +99,7 @@ def prepare_demo_files(cache: Path | None) -> Path:
     """The demo weights under the templates' names, found first by ComfyUI's model folders in this process."""
     import lorweb_demo
 
-    from lorweb_train_comfyui import comfy_on_cpu, ensure_comfy
+    from lorweb_train.backends.comfyui import comfy_on_cpu, ensure_comfy
 
     ensure_comfy()
     comfy_on_cpu()

@@ -2,7 +2,7 @@
 
 CI has no ComfyUI, so nothing here imports the node modules: each ``define_schema`` is evaluated symbolically, just
 far enough to know every node's id, its inputs (name, socket type, optional, display name) and its outputs. Only
-the patterns ``nodes/*.py`` use are understood; anything else stops with :class:`SchemaError` naming the file and
+the patterns ``lorweb_comfy/*.py`` use are understood; anything else stops with :class:`SchemaError` naming the file and
 line, so an input is never dropped silently. ``tests/host/test_node_snapshot_matches_comfyui.py`` checks the result
 against what a real ComfyUI registers.
 
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-NODES = ROOT / "nodes"
+NODES = ROOT / "lorweb_comfy"
 SNAPSHOT = ROOT / "tests" / "data" / "node_schemas.json"
 REFRESH_COMMAND = "python tests/node_schemas.py --write"
 
@@ -106,7 +106,7 @@ class Return(Exception):
 
 
 class Module:
-    """One file of ``nodes/``: its top-level names, resolved on demand."""
+    """One file of ``lorweb_comfy/``: its top-level names, resolved on demand."""
 
     def __init__(self, path: Path, loader: Callable[[str], Module]):
         self.path = path
@@ -163,7 +163,7 @@ class Module:
             return IoNamespace()
         if statement.level == 1 and statement.module:  # from .types import Basis: a sibling node module
             return self.loader(statement.module).lookup(original, node)
-        raise self.fail(node, f"{name!r} comes from outside nodes/ ({statement.module})")
+        raise self.fail(node, f"{name!r} comes from outside lorweb_comfy/ ({statement.module})")
 
 
 def _shown(path: Path) -> str:

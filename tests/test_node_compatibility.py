@@ -1,4 +1,4 @@
-"""Released nodes stay compatible: the schemas read from ``nodes/*.py`` against the committed snapshot.
+"""Released nodes stay compatible: the schemas read from ``lorweb_comfy/*.py`` against the committed snapshot.
 
 Saved workflows name nodes by id, inputs by name and type, widget values and outputs by position. The snapshot
 (tests/data/node_schemas.json) records the released schemas; ``python tests/node_schemas.py --write`` refreshes it.

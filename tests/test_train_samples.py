@@ -286,9 +286,9 @@ def test_pixel_decoder_inverts_the_pixel_encoder():
 
 
 def test_comfyui_decoder_undoes_the_latent_shift_and_scale():
-    """lorweb_train_comfyui.vae_decoder with stand-ins for ComfyUI's model and VAE (Flux's latent format numbers):
+    """The ComfyUI glue's vae_decoder with stand-ins for ComfyUI's model and VAE (Flux's latent format numbers):
     decoding what the glue's encoder produced gives the images back, alpha dropped, on the CPU."""
-    from lorweb_train_comfyui import vae_decoder
+    from lorweb_train.backends.comfyui import vae_decoder
 
     class FluxLatents:
         scale, shift = 0.3611, 0.1159

@@ -152,10 +152,9 @@ def close(actual, expected, tolerance=TOLERANCE):
 
 def runtime(host):
     """The composition wrapper of the MODEL that was sampled (read through the pack's own module)."""
-    import sys
+    import lorweb_comfy.compose_runtime
 
-    module = next(m for name, m in sys.modules.items() if name.endswith("nodes.compose_runtime"))
-    found = module.runtime_of(host.support().PROBES["model"])
+    found = lorweb_comfy.compose_runtime.runtime_of(host.support().PROBES["model"])
     assert len(found) == 1
     return found[0]
 

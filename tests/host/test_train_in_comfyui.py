@@ -32,9 +32,9 @@ def latents_16(images: torch.Tensor) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def trained(host, tmp_path_factory):
+    from lorweb_train.backends.comfyui import backend_from_comfy
     from lorweb_train.config import config_from_mapping
     from lorweb_train.trainer import Trainer
-    from lorweb_train_comfyui import backend_from_comfy
 
     tmp = tmp_path_factory.mktemp("train")
     support = host.support()
@@ -118,8 +118,8 @@ def test_saved_basis_patches_comfyuis_model_like_the_training_injection(host, tr
 
 def test_comfyui_loading_glue_names_missing_files(host, tmp_path):
     from lorweb_ops.errors import LoRWeBError
+    from lorweb_train.backends.comfyui import comfyui_backend, resolve
     from lorweb_train.config import ModelConfig
-    from lorweb_train_comfyui import comfyui_backend, resolve
 
     with pytest.raises(LoRWeBError, match=r"neither a file nor in ComfyUI's models/diffusion_models"):
         resolve("no_such_kontext.safetensors", "diffusion_models", "diffusion_model")

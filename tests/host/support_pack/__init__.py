@@ -25,7 +25,7 @@ REPO_ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.realpath(__file
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
-import lorweb_ops  # noqa: E402  (the plain library; duck-typed objects cross to the pack's own copy)
+import lorweb_ops  # noqa: E402  (the plain library, the same module the pack imports)
 
 from .recording import RecordMix  # noqa: E402
 

@@ -7,9 +7,10 @@ import os
 import folder_paths
 from comfy_api.latest import io
 
-from ..lorweb_ops import LoRWeBError, MixWeights, export_lora, write_new_file
-from ..lorweb_ops.checks import show
-from ..lorweb_ops.export import EXPORT_DTYPES
+from lorweb_ops import LoRWeBError, MixWeights, export_lora, write_new_file
+from lorweb_ops.checks import show
+from lorweb_ops.export import EXPORT_DTYPES
+
 from .types import CATEGORY, LICENCE_NOTE, Basis, Weights
 
 LORA_FOLDER = "loras"

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..lorweb_ops import LoRWeBError, MixWeights, composed_patches
-from ..lorweb_ops.chart import mix_summary, render_mix_chart
-from ..lorweb_ops.checks import is_number_in, show
-from ..lorweb_ops.images import from_pil
+from lorweb_ops import LoRWeBError, MixWeights, composed_patches
+from lorweb_ops.chart import mix_summary, render_mix_chart
+from lorweb_ops.checks import is_number_in, show
+from lorweb_ops.images import from_pil
+
 from .patching import check_model_fits, patched_clone
 from .types import Weights
 

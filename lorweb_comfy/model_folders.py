@@ -11,10 +11,10 @@ import os
 
 import folder_paths
 
-from ..lorweb_ops.basis import file_identity
-from ..lorweb_ops.checks import show
-from ..lorweb_ops.config import find_config_beside
-from ..lorweb_ops.errors import LoRWeBError
+from lorweb_ops.basis import file_identity
+from lorweb_ops.checks import show
+from lorweb_ops.config import find_config_beside
+from lorweb_ops.errors import LoRWeBError
 
 FOLDER = "lorweb"
 CONFIG_FOLDER = "lorweb_configs"

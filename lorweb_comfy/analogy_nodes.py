@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
-from ..lorweb_ops import RELEASED_SETTINGS, LoRWeBError, check_analogy_fits, encode_analogy_pairs
-from ..lorweb_ops.images import single_image, to_pil
+from lorweb_ops import RELEASED_SETTINGS, LoRWeBError, check_analogy_fits, encode_analogy_pairs
+from lorweb_ops.images import single_image, to_pil
+
 from .types import CATEGORY, Analogy, Basis
 
 

@@ -8,7 +8,7 @@ import re
 import comfy.utils
 from comfy.weight_adapter import LoRAAdapter
 
-from ..lorweb_ops import LoRWeBError, ModulePatch
+from lorweb_ops import LoRWeBError, ModulePatch
 
 _PREFIX = "diffusion_model."
 

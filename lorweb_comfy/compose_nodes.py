@@ -9,9 +9,9 @@ import folder_paths
 import numpy as np
 from comfy_api.latest import io, ui
 
-from ..lorweb_ops import LoRWeBError
-from ..lorweb_ops.checks import show
-from ..lorweb_ops.compose import (
+from lorweb_ops import LoRWeBError
+from lorweb_ops.checks import show
+from lorweb_ops.compose import (
     CACHE_MODES,
     DEFAULT_LATE_FRACTION,
     METHODS,
@@ -26,8 +26,9 @@ from ..lorweb_ops.compose import (
     radial_profile,
     render_profiles,
 )
-from ..lorweb_ops.images import from_pil
-from ..lorweb_ops.safetensors_io import read_safetensors
+from lorweb_ops.images import from_pil
+from lorweb_ops.safetensors_io import read_safetensors
+
 from .compose_runtime import composed_model, merge_patches, merged_model, scheduled_model
 from .mix_output import strength_input, validate_strength
 from .types import CATEGORY, Basis, Weights
@@ -105,7 +106,7 @@ class LoraSetAddAnalogy(io.ComfyNode):
 
     @classmethod
     def execute(cls, basis, weights, strength: float, name: str, lora_set: LoraSet | None = None) -> io.NodeOutput:
-        from ..lorweb_ops import check_weights_fit
+        from lorweb_ops import check_weights_fit
 
         check_weights_fit(basis, weights)
         entry = SetEntry(name=name or "analogy", kind="analogy", strength=float(strength), basis=basis, weights=weights)

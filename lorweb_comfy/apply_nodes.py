@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..lorweb_ops import MixWeights, check_analogy_fits, mixing_coefficients
+from lorweb_ops import MixWeights, check_analogy_fits, mixing_coefficients
+
 from .mix_output import apply_mix, mix_outputs, strength_input, validate_strength
 from .types import CATEGORY, Analogy, Basis
 

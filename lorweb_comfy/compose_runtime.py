@@ -21,8 +21,8 @@ import comfy.utils
 import torch
 from comfy.weight_adapter import LoRAAdapter
 
-from ..lorweb_ops import LoRWeBError, composed_patches
-from ..lorweb_ops.compose import (
+from lorweb_ops import LoRWeBError, composed_patches
+from lorweb_ops.compose import (
     ComposeSettings,
     LoraSet,
     LowRankTerm,
@@ -33,6 +33,7 @@ from ..lorweb_ops.compose import (
     step_index,
     strength_schedule,
 )
+
 from .patching import check_model_fits, comfy_patches
 
 _PREFIX = "diffusion_model."

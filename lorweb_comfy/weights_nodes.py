@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..lorweb_ops import MixWeights, check_weights_fit
-from ..lorweb_ops.adjust import (
+from lorweb_ops import MixWeights, check_weights_fit
+from lorweb_ops.adjust import (
     MAX_TEMPERATURE,
     MIN_TEMPERATURE,
     OVERRIDE_EXAMPLE,
@@ -13,7 +13,8 @@ from ..lorweb_ops.adjust import (
     blend_weights,
     parse_overrides,
 )
-from ..lorweb_ops.checks import is_number_in, show
+from lorweb_ops.checks import is_number_in, show
+
 from .mix_output import apply_mix, mix_outputs, strength_input, validate_strength
 from .types import CATEGORY, Basis, Weights
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..lorweb_ops import load_basis
+from lorweb_ops import load_basis
+
 from . import model_folders
 from .types import CATEGORY, LICENCE_NOTE, Basis
 

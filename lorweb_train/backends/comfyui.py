@@ -20,8 +20,8 @@ from lorweb_train.backend import FluxBackend
 _FP8 = {"fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
 
-#: the pack's folder; installed as ComfyUI/custom_nodes/<pack>, two levels under the ComfyUI folder
-_PACK_ROOT = os.path.dirname(os.path.abspath(__file__))
+#: the pack's folder (three levels above this file); installed as ComfyUI/custom_nodes/<pack>
+_PACK_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _is_comfyui_root(folder: str) -> bool:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..lorweb_ops import build_grid, crop_result
-from ..lorweb_ops.images import from_pil, single_image, to_pil
+from lorweb_ops import build_grid, crop_result
+from lorweb_ops.images import from_pil, single_image, to_pil
+
 from .types import CATEGORY
 
 
