@@ -109,7 +109,6 @@ def sampling_inputs(args):
 def repatch_seconds(model, lora_set) -> float:
     """One full re-patch of the LoRA weights (what every hook keyframe or LoRA change costs through patching)."""
     import comfy.model_management as mm
-
     import nodes
 
     compose = nodes.NODE_CLASS_MAPPINGS["LoRWeB_ComposeLoRASet"]
@@ -143,9 +142,9 @@ def run(args) -> dict:
 
 def bench_methods(args, model, inputs, results: dict) -> None:
     """Every compose method for each N, with the same random LoRA N times (cost only)."""
+    import nodes
     from safetensors.torch import load_file
 
-    import nodes
     from lorweb_ops.compose import LoraSet, SetEntry
 
     with tempfile.TemporaryDirectory(prefix="lorweb-bench-compose-") as folder:
@@ -209,7 +208,7 @@ def _held_bytes(model) -> int:
             factors.update({id(t.down): t.down for terms in runtime.terms for t in terms})
             total += sum(f.numel() * f.element_size() for f in factors.values())
             if runtime.state is not None:
-                total += runtime.state.cache_bytes
+                total += runtime.state.combined.cache_bytes
     return total
 
 

@@ -23,16 +23,18 @@ from comfy.weight_adapter import LoRAAdapter
 
 from lorweb_ops import LoRWeBError, composed_patches
 from lorweb_ops.compose import (
+    CombineState,
     ComposeSettings,
     LoraSet,
-    LowRankTerm,
     SetEntry,
     StepPlan,
+    combine,
     composition_plan,
-    lowrank_output,
+    scheduled_plans,
     step_index,
     strength_schedule,
 )
+from lorweb_ops.lowrank import LowRankTerm, lowrank_output
 
 from .patching import check_model_fits, comfy_patches
 
@@ -176,9 +178,7 @@ class _SchedulePlan:
         self.start, self.end, self.values, self.count = start, end, values, count
 
     def plans(self, steps: int) -> list[StepPlan]:
-        multipliers = strength_schedule(steps, self.start, self.end, self.values)
-        # one pass with every entry scaled by the step's multiplier: "weights" carry the multiplier
-        return [StepPlan(tuple([m] * self.count), (-1,)) for m in multipliers]
+        return scheduled_plans(steps, self.count, self.start, self.end, self.values)
 
 
 # ---------------------------------------------------------------------------------------------------- the runtime
@@ -186,15 +186,12 @@ class _SchedulePlan:
 
 @dataclass
 class _RunState:
-    """Mutable state of one sampling run (keyed by the sampler's sigma tensor)."""
+    """One sampling run (keyed by the sampler's sigma tensor): its plan and what the combine keeps between calls."""
 
     sigmas: object
     sigma_list: list[float]
     plans: list[StepPlan]
-    deltas: dict = field(default_factory=dict)  # cache key -> {lora index: prediction with it - base prediction}
-    refreshed: dict = field(default_factory=dict)  # cache key -> last step at which the dominant was refreshed
-    calls: list[tuple[int, int]] = field(default_factory=list)  # (step, forwards) per model call, for tests/benchmarks
-    cache_bytes: int = 0  # largest size the cached contributions reached in this run (benchmarks)
+    combined: CombineState = field(default_factory=CombineState)
 
 
 class ComposeRuntime:
@@ -230,12 +227,13 @@ class ComposeRuntime:
             with self._hooks(executor.class_obj.diffusion_model, scales):
                 return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kw)
 
-        return self._combine(run, plan, step, state, transformer_options, x)
+        cache_key = (tuple(transformer_options.get("cond_or_uncond", ())), tuple(x.shape))
+        return combine(run, plan, step, self.strengths, state.combined, cache_key)
 
     def release(self, patcher=None) -> None:
         with self._lock:
             if self.state is not None:
-                self.state.deltas = {}
+                self.state.combined.deltas = {}
             self._moved = {}
 
     def _state_for(self, sigmas) -> _RunState:
@@ -246,49 +244,6 @@ class ComposeRuntime:
                 self.state = _RunState(sigmas, sigma_list, plans)
                 self._moved.clear()  # factors moved for the previous run may sit on another device
             return self.state
-
-    def _scales(self, weights_or_one_hot: dict[int, float]) -> list[float]:
-        return [self.strengths[j] * weights_or_one_hot.get(j, 0.0) for j in range(len(self.terms))]
-
-    def _combine(self, run, plan: StepPlan, step: int, state: _RunState, options: dict, x) -> torch.Tensor:
-        count = len(self.terms)
-        if plan.fresh == (-1,):  # scheduled strength: one pass, every entry scaled by the step's multiplier
-            state.calls.append((step, 1))
-            return run([self.strengths[j] * plan.weights[j] for j in range(count)])
-        if not plan.cached:
-            state.calls.append((step, len(plan.fresh)))
-            outputs = [(plan.weights[j], run(self._scales({j: 1.0}))) for j in plan.fresh]
-            return _weighted_sum(outputs)
-        return self._cached(run, plan, step, state, options, x)
-
-    def _cached(self, run, plan: StepPlan, step: int, state: _RunState, options: dict, x) -> torch.Tensor:
-        """CMLoRA with cached contributions: the dominant LoRA fresh, the others as (their prediction - base)."""
-        dominant = plan.fresh[0]
-        key = (tuple(options.get("cond_or_uncond", ())), tuple(x.shape))
-        deltas = state.deltas.setdefault(key, {})
-        refresh = plan.refresh is not None and state.refreshed.get(key) != step
-        stale = [j for j in range(len(self.terms)) if j not in deltas or (refresh and j == dominant)]
-        fresh = {dominant: run(self._scales({dominant: 1.0}))}
-        forwards = 1
-        if stale:
-            base = run([0.0] * len(self.terms))
-            forwards += 1
-            for j in stale:
-                if j not in fresh:
-                    fresh[j] = run(self._scales({j: 1.0}))
-                    forwards += 1
-                deltas[j] = fresh[j] - base
-            if refresh:
-                state.refreshed[key] = step
-            held = sum(d.numel() * d.element_size() for cache in state.deltas.values() for d in cache.values())
-            state.cache_bytes = max(state.cache_bytes, held)
-        state.calls.append((step, forwards))
-        # sum_j w_j y_j = y_dom + sum_{j != dom} w_j (delta_j - delta_dom)   (weights sum to 1)
-        output = fresh[dominant].clone()
-        for j, weight in enumerate(plan.weights):
-            if j != dominant and weight:
-                output += weight * (deltas[j] - deltas[dominant])
-        return output
 
     def _hook(self, active: list[tuple[float, LowRankTerm]]):
         def hook(module, args, output):
@@ -335,15 +290,6 @@ class ComposeRuntime:
         finally:
             for handle in handles:
                 handle.remove()
-
-
-def _weighted_sum(outputs: list[tuple[float, torch.Tensor]]) -> torch.Tensor:
-    if len(outputs) == 1 and outputs[0][0] == 1.0:
-        return outputs[0][1]
-    total = outputs[0][1] * outputs[0][0]
-    for weight, output in outputs[1:]:
-        total += weight * output
-    return total
 
 
 def runtime_of(model) -> list[ComposeRuntime]:

@@ -11,18 +11,17 @@ import torch
 
 from lorweb_ops import LoRWeBError
 from lorweb_ops.compose import (
+    CombineState,
     ComposeSettings,
-    LowRankTerm,
     caching_active,
     cmlora_weights,
+    combine,
     composition_plan,
     dominant_schedule,
-    forwards_per_plan,
     frequency_score,
     grayscale_uint8,
     high_frequency_score,
     late_start,
-    lowrank_output,
     nonuniform_steps,
     parse_strengths,
     partition,
@@ -30,10 +29,12 @@ from lorweb_ops.compose import (
     refresh_steps,
     render_profiles,
     rotation_steps,
+    scheduled_plans,
     step_index,
     strength_schedule,
     switch_schedule,
 )
+from lorweb_ops.lowrank import LowRankTerm, lowrank_output
 
 CACHE_OF_INTERVAL = {0: "non-uniform", 1: "off", 2: "uniform", 3: "uniform", 5: "uniform"}
 
@@ -154,18 +155,78 @@ def test_cmlora_weights_are_the_reference_mean_of_weighted_predictions(count):
     assert round(heavy, 3) == {2: 0.6, 3: 0.556, 4: 0.538, 5: 0.529}[count]
 
 
-def test_plans_and_their_forwards():
-    settings = ComposeSettings("cmlora", cache="non-uniform")
-    plans = composition_plan(settings, 28, 3, 2)
+class LinearModel:
+    """A model whose prediction is linear in the LoRA scales: ``base + sum_j scales[j] * effect[j]``; counts its
+    forward passes. Linear is what makes a cached contribution exact, so the combined prediction has a closed form."""
+
+    def __init__(self, count: int, size: int = 5, seed: int = 0):
+        generator = torch.Generator().manual_seed(seed)
+        self.base = torch.randn(size, generator=generator, dtype=torch.float64)
+        self.effects = torch.randn(count, size, generator=generator, dtype=torch.float64)
+        self.forwards = 0
+
+    def __call__(self, scales: list[float]) -> torch.Tensor:
+        self.forwards += 1
+        return self.base + torch.tensor(scales, dtype=torch.float64) @ self.effects
+
+    def mix(self, weights, strengths) -> torch.Tensor:
+        """sum_j w_j * (prediction with LoRA j alone at its strength), written out."""
+        return sum(w * (self.base + s * e) for w, s, e in zip(weights, strengths, self.effects, strict=True))
+
+
+def run_plans(plans, strengths):
+    model, state = LinearModel(len(strengths)), CombineState()
+    outputs, forwards = [], []
+    for step, plan in enumerate(plans):
+        before = model.forwards
+        outputs.append(combine(model, plan, step, strengths, state, cache_key="cond"))
+        forwards.append(model.forwards - before)
+    return model, outputs, forwards
+
+
+def test_cmlora_with_cached_contributions_costs_what_the_method_says_and_gives_the_full_mix():
+    strengths = [0.8, 1.0, -0.5]
+    plans = composition_plan(ComposeSettings("cmlora", cache="non-uniform"), 28, 3, 2)
+    model, outputs, forwards = run_plans(plans, strengths)
     refresh = set(nonuniform_steps(28))
-    assert forwards_per_plan(plans, 3) == [4 if s == 0 else 2 if s in refresh else 1 for s in range(28)]
+    # step 0 fills every cache (one base pass + 3); a refresh step re-runs the dominant and the base
+    assert forwards == [4 if s == 0 else 2 if s in refresh else 1 for s in range(28)]
     assert all(math.isclose(sum(p.weights), 1.0) for p in plans)
-    composite = composition_plan(ComposeSettings("composite"), 28, 3, 3)
-    assert forwards_per_plan(composite, 3) == [3] * 28
-    switch = composition_plan(ComposeSettings("switch", tau=5), 28, 3, 3)
-    assert [p.fresh[0] for p in switch] == [(s // 5) % 3 for s in range(28)]
-    uncached = composition_plan(ComposeSettings("cmlora", cache="non-uniform", reference=True), 28, 3, 2)
-    assert forwards_per_plan(uncached, 3) == [3] * 28
+    for plan, output in zip(plans, outputs, strict=True):
+        torch.testing.assert_close(output, model.mix(plan.weights, strengths), rtol=0, atol=1e-12)
+
+
+def test_composite_and_reference_cmlora_run_every_lora_every_step():
+    strengths = [1.0, 0.7, 0.4]
+    for plans in (
+        composition_plan(ComposeSettings("composite"), 28, 3, 3),
+        composition_plan(ComposeSettings("cmlora", cache="non-uniform", reference=True), 28, 3, 2),
+    ):
+        model, outputs, forwards = run_plans(plans, strengths)
+        assert forwards == [3] * 28
+        for plan, output in zip(plans, outputs, strict=True):
+            torch.testing.assert_close(output, model.mix(plan.weights, strengths), rtol=0, atol=1e-12)
+
+
+def test_switch_runs_the_one_active_lora_at_its_strength():
+    strengths = [1.0, 0.7, 0.4]
+    plans = composition_plan(ComposeSettings("switch", tau=5), 28, 3, 3)
+    model, outputs, forwards = run_plans(plans, strengths)
+    assert [p.fresh[0] for p in plans] == [(s // 5) % 3 for s in range(28)] and forwards == [1] * 28
+    for step, output in enumerate(outputs):
+        active = (step // 5) % 3
+        torch.testing.assert_close(output, model.base + strengths[active] * model.effects[active])
+
+
+def test_scheduled_strength_is_one_pass_with_every_lora_scaled_by_the_step_multiplier():
+    strengths = [1.0, 0.5]
+    plans = scheduled_plans(5, 2, start=1.0, end=0.0)
+    model, outputs, forwards = run_plans(plans, strengths)
+    assert forwards == [1] * 5 and all(plan.together for plan in plans)
+    for step, output in enumerate(outputs):
+        multiplier = 1.0 - step / 4
+        expected = model.base + multiplier * (strengths[0] * model.effects[0] + strengths[1] * model.effects[1])
+        torch.testing.assert_close(output, expected, rtol=0, atol=1e-12)
 
 
 def test_bad_settings_are_refused():

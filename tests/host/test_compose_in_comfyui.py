@@ -209,7 +209,7 @@ def test_merge_equals_chained_lora_loaders(host, files):
 
 def _forwards_per_step(host, steps: int) -> list[int]:
     per_step = [0] * steps
-    for step, forwards in runtime(host).state.calls:
+    for step, forwards in runtime(host).state.combined.calls:
         per_step[step] += forwards
     return per_step
 
@@ -230,7 +230,7 @@ def test_forwards_per_step_of_each_method(host, files):
     expected = [4 if s == 0 else 2 if s in refresh else 1 for s in range(6)]
     assert _forwards_per_step(host, 6) == expected
     # three cached contributions of one 1 x 16 x 4 x 4 float32 prediction each, released after sampling
-    state = runtime(host).state
+    state = runtime(host).state.combined
     assert state.cache_bytes == 3 * 16 * 4 * 4 * 4 and state.deltas == {}
     # the reference code turns caching off with the non-uniform schedule: every LoRA every step
     host.run(composed(files, loras, "cmlora", steps=6, cache="non-uniform", reference_behaviour=True))
@@ -241,7 +241,7 @@ def test_two_calls_per_step_do_not_advance_the_schedule_twice(host, files):
     """Heun calls the model twice per step (not on the last): the refreshes still happen once per step."""
     a, b = files["loras"]["a"], files["loras"]["b"]
     host.run(composed(files, [(a, 1.0), (b, 1.0)], "cmlora", steps=6, sampler="heun", cache="non-uniform"))
-    calls = runtime(host).state.calls
+    calls = runtime(host).state.combined.calls
     assert len(calls) == 2 * 6 - 1  # heun: 2 model calls per step, the last step is a plain Euler step
     extra = sum(forwards - 1 for _, forwards in calls)
     # step 0 fills the base and the other LoRA (2 extra), each later refresh step {2, 5} one base pass

@@ -1,8 +1,7 @@
-"""Composing several LoRAs over the denoising steps (LoRA Switch, LoRA Composite, CMLoRA) as plain maths.
+"""When each LoRA acts over the denoising steps: LoRA Switch, LoRA Composite, CMLoRA and scheduled strength.
 
-Everything here is a function of the step index ``s`` in ``0..T-1`` and the number of LoRAs; the ComfyUI glue
-(``lorweb_comfy/compose_runtime.py``) only asks these functions what to run at each model call. The low-rank terms are
-applied on the activations (``x @ down.T @ up.T``), so base weights are never touched.
+Everything here is a function of the step index ``s`` in ``0..T-1`` and the number of LoRAs: the plan says, for
+each step, which LoRAs get a forward pass and how their predictions are weighted (``combine.py`` carries it out).
 
 References: LoRA Switch / Composite (Zhong et al. 2024), CMLoRA (Zou et al., ICLR 2025, code ``Yqcca/CMLoRA``).
 Where the reference code differs from the described method, both are offered; ``docs/compose.md`` lists each case.
@@ -12,14 +11,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
-import torch
-from PIL import Image, ImageDraw, ImageFont
 
-from .checks import is_number_in, show
-from .errors import LoRWeBError
+from ..checks import is_number_in, show
+from ..errors import LoRWeBError
 
 #: bounds on what a client may ask for: steps, LoRAs, tau, intervals; strengths; a typed strength list
 MAX_COUNT = 100_000
@@ -32,9 +29,6 @@ CACHE_MODES = ("non-uniform", "uniform", "off")
 REFERENCE_LATE_STEP = 121
 #: 121 / 220, the reference's threshold as a fraction of its 220 steps
 DEFAULT_LATE_FRACTION = 0.55
-
-
-# ---------------------------------------------------------------------------------------------------- schedules
 
 
 def switch_schedule(steps: int, count: int, tau: int, reference_offset: bool = False) -> list[int]:
@@ -159,7 +153,8 @@ def caching_active(cache: str, interval: int, reference: bool) -> bool:
 class StepPlan:
     """What one step runs. ``weights[j]`` is LoRA j's share of the prediction (they sum to 1).
 
-    ``fresh``: LoRAs that get their own forward pass this step. ``cached``: True when the LoRAs not in ``fresh``
+    ``fresh``: LoRAs that get their own forward pass this step (with ``together``: one pass, every LoRA scaled by
+    its weight, which need not sum to 1). ``cached``: True when the LoRAs not in ``fresh``
     use their cached contribution (prediction with the LoRA minus the base prediction) instead; ``refresh``: the LoRA
     whose cached contribution is recomputed this step (needs one extra base-model pass), or None.
     """
@@ -168,6 +163,7 @@ class StepPlan:
     fresh: tuple[int, ...]
     cached: bool = False
     refresh: int | None = None
+    together: bool = False  # one pass with every LoRA at weights[j] (Scheduled Strength), not a mix of passes
 
 
 @dataclass(frozen=True)
@@ -216,17 +212,6 @@ def composition_plan(settings: ComposeSettings, steps: int, count: int, high_cou
     return plans
 
 
-def forwards_per_plan(plans: Sequence[StepPlan], count: int) -> list[int]:
-    """Model forwards each step costs, counting the first step's full fill of the caches (one base pass + N)."""
-    costs = []
-    for step, plan in enumerate(plans):
-        if plan.cached and step == 0:
-            costs.append(count + 1)
-        else:
-            costs.append(len(plan.fresh) + (1 if plan.cached and plan.refresh is not None else 0))
-    return costs
-
-
 def strength_schedule(steps: int, start: float, end: float, values: Sequence[float] = ()) -> list[float]:
     """Strength per step: ``values`` spread evenly over the steps (linear in between), else start -> end linearly."""
     _check_positive(steps=steps)
@@ -239,6 +224,12 @@ def strength_schedule(steps: int, start: float, end: float, values: Sequence[flo
         return [points[0]] * steps
     positions = np.linspace(0.0, steps - 1, len(points))
     return [float(v) for v in np.interp(np.arange(steps), positions, points)]
+
+
+def scheduled_plans(steps: int, count: int, start: float, end: float, values: Sequence[float] = ()) -> list[StepPlan]:
+    """Scheduled Strength: every step one pass with all ``count`` LoRAs, each scaled by the step's multiplier."""
+    multipliers = strength_schedule(steps, start, end, values)
+    return [StepPlan(tuple([m] * count), tuple(range(count)), together=True) for m in multipliers]
 
 
 def parse_strengths(text: str) -> list[float]:
@@ -277,131 +268,3 @@ def _check_positive(**values: int) -> None:
     for name, value in values.items():
         if not is_number_in(value, 1, MAX_COUNT, whole=True):
             raise LoRWeBError(f"{name} must be a whole number from 1 to {MAX_COUNT}, got {show(value)}.")
-
-
-# ------------------------------------------------------------------------------------- low rank on activations
-
-
-@dataclass(frozen=True)
-class LowRankTerm:
-    """``output[..., rows] += scale * (x @ down.T) @ up.T`` for one Linear of the model (base weight untouched)."""
-
-    module: str  # module path inside the diffusion model, e.g. ``double_blocks.0.img_attn.qkv``
-    up: torch.Tensor  # [rows, r]
-    down: torch.Tensor  # [r, in]
-    scale: float = 1.0
-    row_start: int = 0
-    row_count: int | None = None  # None: all output rows
-
-
-def lowrank_output(term: LowRankTerm, x: torch.Tensor, strength: float) -> torch.Tensor:
-    """The term's contribution for input activations ``x [..., in]``, in ``x``'s dtype."""
-    down = term.down.to(device=x.device, dtype=x.dtype)
-    up = term.up.to(device=x.device, dtype=x.dtype)
-    return torch.nn.functional.linear(torch.nn.functional.linear(x, down), up) * (strength * term.scale)
-
-
-# ------------------------------------------------------------------------------------------------- the LoRA set
-
-
-@dataclass(frozen=True)
-class SetEntry:
-    """One LoRA of a set: an ordinary LoRA file (``state`` = its tensors) or an analogy (``basis`` + ``weights``)."""
-
-    name: str
-    kind: str  # "lora" | "analogy"
-    strength: float
-    state: object = None  # dict[str, Tensor] of the LoRA file
-    basis: object = None  # LoraBasis
-    weights: object = None  # MixWeights
-
-
-@dataclass(frozen=True)
-class LoraSet:
-    """An ordered set of LoRAs. ``high_count``: how many leading entries are high-frequency (None: not profiled)."""
-
-    entries: tuple[SetEntry, ...] = ()
-    high_count: int | None = None
-    scores: tuple[float, ...] | None = field(default=None, compare=False)
-
-    def add(self, entry: SetEntry) -> LoraSet:
-        if any(e.name == entry.name for e in self.entries):
-            entry = SetEntry(**{**entry.__dict__, "name": f"{entry.name} #{len(self.entries) + 1}"})
-        return LoraSet(self.entries + (entry,), None, None)
-
-    def reordered(self, order: Sequence[int], high_count: int, scores: Sequence[float]) -> LoraSet:
-        return LoraSet(tuple(self.entries[i] for i in order), high_count, tuple(scores))
-
-
-# ---------------------------------------------------------------------------------------------- frequency score
-
-
-def grayscale_uint8(image: np.ndarray) -> np.ndarray:
-    """``[H, W, 3]`` floats in 0..1 (ComfyUI IMAGE) or uint8 -> the reference's gray: RGB mean truncated to uint8."""
-    image = np.asarray(image)
-    if image.ndim != 3 or image.shape[2] < 3:
-        raise LoRWeBError(f"expected one RGB image [H, W, 3], got shape {list(image.shape)}")
-    if image.dtype != np.uint8:
-        image = np.clip(255.0 * image[..., :3].astype(np.float64), 0, 255).astype(np.uint8)
-    return image[..., :3].astype(np.float64).mean(axis=2).astype(np.uint8)
-
-
-def radial_profile(gray: np.ndarray) -> np.ndarray:
-    """Mean log amplitude per integer radius around the centre of the shifted spectrum, normalised by its max."""
-    spectrum = np.log(np.abs(np.fft.fftshift(np.fft.fft2(gray.astype(np.float64)))) + 1e-8)
-    rows, cols = spectrum.shape
-    y, x = np.indices(spectrum.shape)
-    radius = np.floor(np.hypot(y - rows // 2, x - cols // 2)).astype(np.int64)
-    sums = np.bincount(radius.ravel(), weights=spectrum.ravel())
-    counts = np.bincount(radius.ravel())
-    profile = (sums / counts).astype(np.float32)  # the reference stores ring means as float32
-    return profile / profile.max()
-
-
-def high_frequency_score(profile: np.ndarray, cutoff: float = 0.2) -> float:
-    """Mean of the normalised profile over radii >= ``cutoff`` of the largest radius (72 of 362 at 512²)."""
-    start = int(cutoff * (len(profile) - 1))
-    return float(np.mean(profile[start:], dtype=np.float64))
-
-
-def frequency_score(image: np.ndarray) -> float:
-    return high_frequency_score(radial_profile(grayscale_uint8(image)))
-
-
-def partition(scores: Sequence[float], threshold: float = 0.0) -> tuple[list[int], int]:
-    """Order high -> low (stable) and count the LoRAs whose score change is above ``threshold``."""
-    order = sorted(range(len(scores)), key=lambda i: -scores[i])
-    return order, sum(1 for s in scores if s > threshold)
-
-
-_COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
-
-
-def render_profiles(profiles: dict[str, np.ndarray], cutoff: float = 0.2, size=(640, 400)) -> Image.Image:
-    """The radial profiles as a line plot (x: radius / max radius, y: normalised log amplitude), PIL only."""
-    width, height = size
-    left, right, top, bottom = 50, 190, 20, 40
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default()
-    low = min(float(np.min(p)) for p in profiles.values()) if profiles else 0.0
-    low = min(low, 0.99)
-
-    def to_xy(position: float, value: float) -> tuple[float, float]:
-        x = left + position * (width - left - right)
-        y = top + (1.0 - (value - low) / (1.0 - low)) * (height - top - bottom)
-        return x, y
-
-    draw.rectangle([left, top, width - right, height - bottom], outline=(0, 0, 0))
-    cut_x = to_xy(cutoff, low)[0]
-    draw.line([cut_x, top, cut_x, height - bottom], fill=(160, 160, 160))
-    draw.text((cut_x + 3, top + 2), f"{cutoff:g} r_max", fill=(100, 100, 100), font=font)
-    draw.text((left, height - bottom + 8), "radius / max radius (0 .. 1)", fill=(0, 0, 0), font=font)
-    draw.text((4, top), f"{1.0:.2f}", fill=(0, 0, 0), font=font)
-    draw.text((4, height - bottom - 10), f"{low:.2f}", fill=(0, 0, 0), font=font)
-    for index, (name, profile) in enumerate(profiles.items()):
-        colour = _COLOURS[index % len(_COLOURS)]
-        positions = np.linspace(0.0, 1.0, len(profile))
-        draw.line([to_xy(p, float(v)) for p, v in zip(positions, profile, strict=True)], fill=colour, width=2)
-        draw.text((width - right + 8, top + 14 * index), name[:28], fill=colour, font=font)
-    return image
