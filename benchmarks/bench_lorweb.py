@@ -96,7 +96,7 @@ def start(args) -> None:
 
 
 def module_names(double: int, single: int) -> list[str]:
-    from lorweb_ops.flux_map import released_module_names
+    from lorweb_ops.flux_layout import released_module_names
 
     return released_module_names(depth=double, single_depth=single)
 
@@ -106,7 +106,7 @@ def write_ordinary_lora(path: Path, modules: list[str], rank: int) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from lorweb_ops.flux_map import module_shape
+    from lorweb_ops.flux_layout import module_shape
 
     generator = torch.Generator().manual_seed(7)
     tensors = {}
@@ -148,9 +148,9 @@ def random_analogy(seed: int):
 
 def bench_apply(args, work: Path, model, results: dict) -> None:
     import comfy.model_management as mm
+    import nodes
 
     import lorweb_ops
-    import nodes
 
     modules = module_names(args.double_blocks, args.single_blocks)
     basis = lorweb_ops.load_basis(work / "basis.safetensors")
@@ -205,10 +205,9 @@ def bench_encode(args, work: Path, results: dict, side: str) -> None:
     (both versions, fp16 and fp32, measured here), so one process doing both would run out of memory.
     """
     import comfy.clip_vision
+    import nodes
     import torch
     from lorweb_demo import write_clip_vision
-
-    import nodes
 
     path = work / "clip_vision.safetensors"
     write_clip_vision(path)
@@ -249,10 +248,10 @@ def _run_node(node_class, **inputs):
 
 def bench_load(args, work: Path, results: dict) -> None:
     """Basis load in a fresh process per repeat (first load from a warm page cache, then a cached load)."""
-    import lorweb_ops.flux_map as flux_map
+    import lorweb_ops.flux_layout as flux_layout
 
     modules = (
-        flux_map.released_module_names() if args.full_basis else module_names(args.double_blocks, args.single_blocks)
+        flux_layout.released_module_names() if args.full_basis else module_names(args.double_blocks, args.single_blocks)
     )
     path = write_basis(work / "load_basis.safetensors", modules)
     size = path.stat().st_size
@@ -284,10 +283,10 @@ def bench_load(args, work: Path, results: dict) -> None:
 def bench_sample(args, work: Path, model, results: dict) -> None:
     import comfy.model_management as mm
     import comfy.sample
+    import nodes
     import torch
 
     import lorweb_ops
-    import nodes
 
     basis = lorweb_ops.load_basis(work / "basis.safetensors")
     lora_name = "ordinary_lora.safetensors"
@@ -386,10 +385,10 @@ def _slope_ratio(series: dict) -> float:
 def bench_memory(args, work: Path, model, results: dict) -> None:
     """Numbers held per composed analogy against K*r*(in+out) per target, and RSS over 20 alternating re-runs."""
     import comfy.model_management as mm
+    import nodes
     import psutil
 
     import lorweb_ops
-    import nodes
 
     basis = lorweb_ops.load_basis(work / "basis.safetensors")
     coefficients = lorweb_ops.mixing_coefficients(basis, random_analogy(1).query)

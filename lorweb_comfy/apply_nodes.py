@@ -6,11 +6,11 @@ from comfy_api.latest import io
 
 from lorweb_ops import MixWeights, check_analogy_fits, mixing_coefficients
 
-from .mix_output import apply_mix, mix_outputs, strength_input, validate_strength
-from .types import CATEGORY, Analogy, Basis
+from .mix_output import StrengthNode, apply_mix, mix_outputs, strength_input
+from .types import CATEGORY, Analogy, Basis, kontext_model_input
 
 
-class ApplyBasis(io.ComfyNode):
+class ApplyBasis(StrengthNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -20,7 +20,7 @@ class ApplyBasis(io.ComfyNode):
             description="Mixes the basis LoRAs per layer with the weights the analogy asks for and patches a copy "
             "of the Flux Kontext MODEL (low-rank, through ComfyUI's own LoRA patching).",
             inputs=[
-                io.Model.Input("model", tooltip="The FLUX.1 Kontext [dev] model (UNETLoader, any precision)."),
+                kontext_model_input(),
                 Basis.Input("basis", tooltip="From Load LoRA Basis."),
                 Analogy.Input("analogy", tooltip="From Encode Analogy Pair."),
                 strength_input(
@@ -29,10 +29,6 @@ class ApplyBasis(io.ComfyNode):
             ],
             outputs=mix_outputs("The per-layer coefficients that were applied (for charts, export, blends)."),
         )
-
-    @classmethod
-    def validate_inputs(cls, strength: float | None = None) -> bool | str:
-        return validate_strength(strength)
 
     @classmethod
     def execute(cls, model, basis, analogy, strength: float) -> io.NodeOutput:

@@ -27,11 +27,11 @@ from lorweb_ops.compose import (
     render_profiles,
 )
 from lorweb_ops.images import from_pil
-from lorweb_ops.safetensors_io import read_safetensors
+from lorweb_ops.safetensors_io import read_lora
 
 from .compose_runtime import composed_model, merge_patches, merged_model, scheduled_model
-from .mix_output import strength_input, validate_strength
-from .types import CATEGORY, Basis, Weights
+from .mix_output import StrengthNode, strength_input
+from .types import CATEGORY, weights_basis_input, weights_input
 
 LoraSetType = io.Custom("LORWEB_LORA_SET")
 COMPOSE_CATEGORY = CATEGORY + "/compose"
@@ -47,7 +47,7 @@ def _set_output() -> io.Output:
     return LoraSetType.Output(display_name="lora_set", tooltip="The set with this entry appended.")
 
 
-class LoraSetAddLoRA(io.ComfyNode):
+class LoraSetAddLoRA(StrengthNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -65,10 +65,6 @@ class LoraSetAddLoRA(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, strength: float | None = None) -> bool | str:
-        return validate_strength(strength)
-
-    @classmethod
     def execute(cls, lora_name: str, strength: float, lora_set: LoraSet | None = None) -> io.NodeOutput:
         if not lora_name.lower().endswith(".safetensors"):
             raise LoRWeBError(
@@ -76,12 +72,12 @@ class LoraSetAddLoRA(io.ComfyNode):
                 "unpickled). Convert it, or load it with the stock LoraLoaderModelOnly and merge."
             )
         path = folder_paths.get_full_path_or_raise("loras", lora_name)
-        state, _ = read_safetensors(path)
+        state = read_lora(path)
         entry = SetEntry(name=lora_name, kind="lora", strength=float(strength), state=state)
         return io.NodeOutput((lora_set or LoraSet()).add(entry))
 
 
-class LoraSetAddAnalogy(io.ComfyNode):
+class LoraSetAddAnalogy(StrengthNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -92,17 +88,13 @@ class LoraSetAddAnalogy(io.ComfyNode):
             "a LoRA set.",
             inputs=[
                 _set_input(),
-                Basis.Input("basis", tooltip="From Load LoRA Basis: the basis the weights were made with."),
-                Weights.Input("weights", tooltip="From an Apply node, Blend Analogies or Adjust Mix."),
+                weights_basis_input(),
+                weights_input(),
                 strength_input("Strength of this analogy; replaces the strength stored in the weights."),
                 io.String.Input("name", default="analogy", tooltip="A name for this entry in reports and plots."),
             ],
             outputs=[_set_output()],
         )
-
-    @classmethod
-    def validate_inputs(cls, strength: float | None = None) -> bool | str:
-        return validate_strength(strength)
 
     @classmethod
     def execute(cls, basis, weights, strength: float, name: str, lora_set: LoraSet | None = None) -> io.NodeOutput:

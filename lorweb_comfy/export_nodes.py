@@ -11,7 +11,7 @@ from lorweb_ops import LoRWeBError, MixWeights, export_lora, write_new_file
 from lorweb_ops.checks import show
 from lorweb_ops.export import EXPORT_DTYPES
 
-from .types import CATEGORY, LICENCE_NOTE, Basis, Weights
+from .types import CATEGORY, LICENCE_NOTE, weights_basis_input, weights_input
 
 LORA_FOLDER = "loras"
 EXTENSION = ".safetensors"
@@ -89,8 +89,8 @@ class SaveComposedLoRA(io.ComfyNode):
             "(diffusers/PEFT keys), for ComfyUI's LoraLoaderModelOnly or any LoRA loader. It equals "
             "the pack's patch only for the analogy (a, a′, b) it came from. " + LICENCE_NOTE,
             inputs=[
-                Basis.Input("basis", tooltip="From Load LoRA Basis: the basis the weights were made with."),
-                Weights.Input("weights", tooltip="From an Apply node, Blend Analogies or Adjust Mix."),
+                weights_basis_input(),
+                weights_input(),
                 io.String.Input(
                     "filename_prefix",
                     default="lorweb/analogy",

@@ -47,6 +47,14 @@ def validate_strength(strength) -> bool | str:
     return True if strength is None else strength_problem(strength) or True
 
 
+class StrengthNode(io.ComfyNode):
+    """A node with a ``strength`` input (:func:`strength_input`): a bad value is refused before the run."""
+
+    @classmethod
+    def validate_inputs(cls, strength: float | None = None) -> bool | str:
+        return validate_strength(strength)
+
+
 def apply_mix(model, basis, weights: MixWeights) -> io.NodeOutput:
     """Patch a clone of ``model`` with ``weights`` at their strength; everything is checked before the clone."""
     if (problem := strength_problem(weights.strength)) is not None:

@@ -13,8 +13,8 @@ import folder_paths
 
 from lorweb_ops.basis import file_identity
 from lorweb_ops.checks import show
-from lorweb_ops.config import find_config_beside
 from lorweb_ops.errors import LoRWeBError
+from lorweb_ops.settings import find_config_beside
 
 FOLDER = "lorweb"
 CONFIG_FOLDER = "lorweb_configs"

@@ -9,6 +9,7 @@ import comfy.utils
 from comfy.weight_adapter import LoRAAdapter
 
 from lorweb_ops import LoRWeBError, ModulePatch
+from lorweb_ops.flux_layout import BFL_BLOCK_LISTS
 
 _PREFIX = "diffusion_model."
 
@@ -31,7 +32,7 @@ def _weight_shapes(model, keys: set[str]) -> dict[str, tuple[int, ...]]:
 
 def _is_flux(model) -> bool:
     diffusion_model = getattr(getattr(model, "model", None), "diffusion_model", None)
-    return hasattr(diffusion_model, "double_blocks") and hasattr(diffusion_model, "single_blocks")
+    return all(hasattr(diffusion_model, blocks) for blocks in BFL_BLOCK_LISTS)
 
 
 def check_model_fits(model, patches: list[ModulePatch], basis_path: str) -> None:

@@ -14,3 +14,16 @@ LICENCE_NOTE = (
     "The released LoRWeB basis (hilamanor/lorweb) is under NVIDIA's non-commercial licence: "
     "research and non-commercial use only."
 )
+
+
+def kontext_model_input() -> io.Model.Input:
+    return io.Model.Input("model", tooltip="The FLUX.1 Kontext [dev] model (UNETLoader, any precision).")
+
+
+def weights_basis_input() -> io.Custom.Input:
+    """The basis beside a weights input: the one the weights were made with."""
+    return Basis.Input("basis", tooltip="From Load LoRA Basis: the basis the weights were made with.")
+
+
+def weights_input() -> io.Custom.Input:
+    return Weights.Input("weights", tooltip="From an Apply node, Blend Analogies or Adjust Mix.")

@@ -15,8 +15,8 @@ from lorweb_ops.adjust import (
 )
 from lorweb_ops.checks import is_number_in, show
 
-from .mix_output import apply_mix, mix_outputs, strength_input, validate_strength
-from .types import CATEGORY, Basis, Weights
+from .mix_output import StrengthNode, apply_mix, mix_outputs, strength_input
+from .types import CATEGORY, Weights, kontext_model_input, weights_basis_input, weights_input
 
 
 class BlendAnalogies(io.ComfyNode):
@@ -120,7 +120,7 @@ class AdjustMix(io.ComfyNode):
         return io.NodeOutput(adjust_mix(weights, temperature, top_k, parse_overrides(override)))
 
 
-class ApplyWeights(io.ComfyNode):
+class ApplyWeights(StrengthNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -131,9 +131,9 @@ class ApplyWeights(io.ComfyNode):
             "adjusted or from another Apply) instead of an analogy. Same patching as Apply Weighted "
             "LoRA Basis.",
             inputs=[
-                io.Model.Input("model", tooltip="The FLUX.1 Kontext [dev] model (UNETLoader, any precision)."),
-                Basis.Input("basis", tooltip="From Load LoRA Basis: the basis the weights were made with."),
-                Weights.Input("weights", tooltip="From an Apply node, Blend Analogies or Adjust Mix."),
+                kontext_model_input(),
+                weights_basis_input(),
+                weights_input(),
                 strength_input(
                     "Scale of the composed LoRA; it replaces the strength stored in the weights. "
                     "1.0 is what LoRWeB was trained with; 0 returns the model unchanged."
@@ -141,10 +141,6 @@ class ApplyWeights(io.ComfyNode):
             ],
             outputs=mix_outputs("The weights that were applied, with this strength (for charts, export)."),
         )
-
-    @classmethod
-    def validate_inputs(cls, strength: float | None = None) -> bool | str:
-        return validate_strength(strength)
 
     @classmethod
     def execute(cls, model, basis, weights: MixWeights, strength: float) -> io.NodeOutput:

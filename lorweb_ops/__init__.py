@@ -13,13 +13,13 @@ from .analogy import (
     encoder_images,
 )
 from .basis import LoraBasis, ModuleBasis, clear_basis_cache, load_basis
-from .config import RELEASED_SETTINGS, BasisSettings, resolve_settings
 from .errors import LoRWeBError
 from .export import ExportedLora, export_lora, reduce_rank, write_new_file
-from .flux_map import FluxTarget, flux_target, released_module_names
+from .flux_layout import FluxTarget, flux_target, released_module_names
 from .images import build_grid, crop_result, grid_quadrants, reference_quadrants
 from .mixing import MixWeights, check_weights_fit, delta_weight, lowrank_factors, mixing_coefficients
 from .patches import ModulePatch, composed_patches, flux_delta, module_targets
+from .settings import RELEASED_SETTINGS, BasisSettings, resolve_settings
 
 __all__ = [
     "Analogy",

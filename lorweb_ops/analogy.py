@@ -10,13 +10,14 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
+from typing import Any
 
 import torch
 from PIL import Image
 
-from .config import QUERY_MODE_EMBEDDINGS, BasisSettings, check_query_mode
 from .errors import LoRWeBError
 from .images import build_grid, clip_batch, match_size
+from .settings import QUERY_MODE_EMBEDDINGS, BasisSettings, check_query_mode
 
 EmbedFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -96,13 +97,7 @@ def encode_analogy(
 
 
 def encode_analogy_pairs(
-    pairs: Sequence[tuple[Image.Image, Image.Image]],
-    b: Image.Image,
-    embed: EmbedFn,
-    *,
-    query_mode: str = "cat-aa'b",
-    image_size: int = 224,
-    encoder: str = "unknown",
+    pairs: Sequence[tuple[Image.Image, Image.Image]], b: Image.Image, embed: EmbedFn, **options: Any
 ) -> Analogy:
     """One analogy from several example pairs (a_i, a'_i) of the same edit and one b: the mean of their queries.
 
@@ -111,14 +106,11 @@ def encode_analogy_pairs(
     linearly before its softmax, so the mean query gives the mean of the per-pair logits: the mix keeps the basis
     LoRAs the pairs agree on (with softmax mixing and one head: the normalised geometric mean of the per-pair
     mixes, not their arithmetic mean).
-    Identical pairs give exactly the one-pair query.
+    Identical pairs give exactly the one-pair query. ``options``: those of ``encode_analogy`` (query_mode, ...).
     """
     if not pairs:
         raise LoRWeBError("an analogy needs at least one example pair (a, a')")
-    single = [
-        encode_analogy(a, a_prime, b, embed, query_mode=query_mode, image_size=image_size, encoder=encoder)
-        for a, a_prime in pairs
-    ]
+    single = [encode_analogy(a, a_prime, b, embed, **options) for a, a_prime in pairs]
     if len(single) == 1:
         return single[0]
     first = single[0]

@@ -1,9 +1,7 @@
 """Load and validate a LoRWeB basis file (ai-toolkit ``attlora`` checkpoint, safetensors only).
 
-On disk, for every adapted module ``<M>`` (diffusers Flux name):
-``transformer.<M>.lora_A [K, in, r]``, ``.lora_B [K, r, out]``, ``.lora_keys [K, keys_dim]`` and
-``.att_lora_to_q.weight [keys_dim, query_dim]`` (absent when ``query_projection_type`` is ``none``).
-Tensors stay in the file's dtype; loaded files are cached by real path, mtime and size.
+The layout on disk is described, and written, by ``basis_format.py``. Tensors stay in the file's dtype; loaded
+files are cached by their identity (real path and stat).
 """
 
 from __future__ import annotations
@@ -18,15 +16,15 @@ from typing import Any
 
 import torch
 
+from .basis_format import MODULE_PREFIX, PARTS, TRAINER_SOFTWARE
 from .checks import show
-from .config import BasisSettings, resolve_settings
 from .errors import LoRWeBError
 from .finite import all_finite
-from .flux_map import is_flux_module
+from .flux_layout import is_flux_module
 from .safetensors_io import DTYPES, read_header, read_tensors
+from .settings import BasisSettings, resolve_settings
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_PARTS = {"lora_A": "lora_A", "lora_B": "lora_B", "lora_keys": "lora_keys", "att_lora_to_q.weight": "to_q"}
 _ORDINARY_LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_down.weight", ".lora_up.weight", ".alpha")
 
 
@@ -105,7 +103,6 @@ class _LoadedFile:
 
 
 #: the ``software`` metadata value of a basis written by ``lorweb_train`` (its NaN/Inf advice differs)
-TRAINER_SOFTWARE = "lorweb_train"
 
 _CACHE: OrderedDict[tuple, _LoadedFile] = OrderedDict()
 _CACHE_LOCK = threading.Lock()
@@ -243,13 +240,13 @@ def _group_keys(names: list[str], path: str) -> dict[str, dict[str, str]]:
     grouped: dict[str, dict[str, str]] = {}
     unknown = []
     for name in names:
-        stripped = name[len("transformer.") :] if name.startswith("transformer.") else name
-        part = next((p for p in _PARTS if stripped.endswith("." + p)), None)
+        stripped = name[len(MODULE_PREFIX) :] if name.startswith(MODULE_PREFIX) else name
+        part = next((p for p in PARTS if stripped.endswith("." + p)), None)
         module = stripped[: -len(part) - 1] if part else None
         if part is None or not is_flux_module(module):
             unknown.append(name)
             continue
-        grouped.setdefault(module, {})[_PARTS[part]] = name
+        grouped.setdefault(module, {})[PARTS[part]] = name
     if not grouped:
         raise LoRWeBError(
             f"{file} is not a LoRWeB basis: it has no transformer.<module>.lora_A / lora_B / lora_keys tensors "

@@ -7,27 +7,18 @@ the same as an image (PIL only, no plotting library).
 from __future__ import annotations
 
 import math
-import re
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from .flux_layout import block_of
 from .mixing import MixWeights
 
-_BLOCK = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.")
 # viridis at 6 anchors, interpolated: perceptually even, readable for colour-blind users
 _VIRIDIS = np.array(
     [[68, 1, 84], [65, 68, 135], [42, 120, 142], [34, 168, 132], [122, 209, 81], [253, 231, 37]], dtype=np.float32
 )
-
-
-def block_of(module: str) -> tuple[int, int]:
-    """Sort key and group of a module: double blocks first, then single blocks, by index."""
-    match = _BLOCK.match(module)
-    if not match:
-        return (2, 0)
-    return (0 if match.group(1) == "transformer_blocks" else 1, int(match.group(2)))
 
 
 def block_label(key: tuple[int, int]) -> str:

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from .basis import LoraBasis, ModuleBasis
-from .config import BasisSettings
 from .errors import LoRWeBError
+from .settings import BasisSettings
 
 
 def as_single_query(query: torch.Tensor, query_dim: int) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 
 from .basis import LoraBasis
 from .errors import LoRWeBError
-from .flux_map import FluxTarget, flux_target
+from .flux_layout import FluxTarget, flux_target, fused_rows
 from .mixing import lowrank_factors
 
 
@@ -53,19 +53,9 @@ def flux_delta(basis: LoraBasis, coefficients: Mapping[str, torch.Tensor], key: 
     if not covering:
         raise LoRWeBError(f"no module of the basis maps to the Flux weight {key!r}")
     in_features = basis.weights[covering[0].module].in_features
-    rows = _fused_rows(key, covering, in_features)
+    rows = fused_rows(key, covering, in_features)
     delta = torch.zeros(rows, in_features, dtype=torch.float32)
     for target in covering:
         up, down = lowrank_factors(basis.weights[target.module], coefficients[target.module])
         delta[target.row_start : target.row_start + target.row_count] = up.float() @ down
     return delta
-
-
-def _fused_rows(key: str, covering: list[FluxTarget], hidden: int) -> int:
-    """Row count of the whole BFL weight, from the modules that cover it."""
-    if key.endswith(".qkv"):
-        return 3 * hidden
-    if key.endswith(".linear1"):
-        mlp = next((t.row_count for t in covering if t.module.endswith("proj_mlp")), 4 * hidden)
-        return 3 * hidden + mlp
-    return max(t.row_start + t.row_count for t in covering)

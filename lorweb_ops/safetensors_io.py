@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,19 @@ DTYPES = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+
+
+@dataclass(frozen=True)
+class FileKind:
+    """What a file is read as: named in messages, and the dtypes its tensors may have."""
+
+    what: str
+    dtypes: Mapping[str, torch.dtype]
+
+
+BASIS = FileKind("a LoRWeB basis", DTYPES)
+#: LoRA files come in fp8 too (ComfyUI's loaders read them); the basis never does
+LORA = FileKind("a LoRA", {**DTYPES, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2})
 #: A LoRWeB basis header is ~0.3 MB (494 modules x 4 tensors), a LoRA's similar; refuse far larger before parsing.
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 #: A basis holds at most 494 Flux modules x 4 tensors and a Flux LoRA a few thousand; far more is neither.
@@ -54,14 +68,16 @@ class Header:
     entries: dict[str, TensorEntry]
     metadata: dict[str, str]
     data_start: int
+    kind: FileKind
 
     @property
     def names(self) -> list[str]:
         return list(self.entries)
 
 
-def read_header(path: str) -> Header:
+def read_header(path: str, kind: FileKind | None = None) -> Header:
     """Validate the file with the safetensors library and return its header; reads no tensor data."""
+    kind = kind or BASIS
     name = os.path.basename(path)
     try:
         with safe_open(path, framework="pt") as handle:
@@ -74,9 +90,9 @@ def read_header(path: str) -> Header:
         raise _damaged(name, f"the safetensors library refuses it ({_short(error)})") from None
     except OSError as error:
         raise LoRWeBError(f"{name} could not be opened ({error.strerror or type(error).__name__}).") from None
-    raw, data_start = _header_bytes(path, name)
+    raw, data_start = _header_bytes(path, name, kind)
     entries = _entries(raw, names, shapes, name)
-    return Header(entries, metadata, data_start)
+    return Header(entries, metadata, data_start, kind)
 
 
 def read_tensors(path: str, header: Header, names: list[str] | None = None) -> dict[str, torch.Tensor]:
@@ -87,24 +103,31 @@ def read_tensors(path: str, header: Header, names: list[str] | None = None) -> d
     with open(path, "rb") as handle:
         for key in wanted:
             entry = header.entries[key]
-            tensors[key] = _read_tensor(handle, header.data_start + entry.begin, entry, key, name)
+            tensors[key] = _read_tensor(handle, header.data_start + entry.begin, entry, key, name, header.kind)
     return tensors
 
 
-def read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Every tensor in storage order, and the header metadata. Raises LoRWeBError on anything malformed."""
-    header = read_header(path)
-    return read_tensors(path, header), header.metadata
+def read_lora(path: str) -> dict[str, torch.Tensor]:
+    """An ordinary LoRA file: validated by the safetensors library, read as a basis is (tensors of our own), with
+    the fp8 dtypes LoRAs use and messages about a LoRA. Raises LoRWeBError on anything malformed."""
+    header = read_header(path, LORA)
+    return read_tensors(path, header)
 
 
-def _header_bytes(path: str, name: str) -> tuple[bytes, int]:
-    with open(path, "rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        if length > MAX_HEADER_BYTES:
-            raise _damaged(
-                name, f"its header has {length} bytes; a LoRWeB basis header has well under {MAX_HEADER_BYTES}"
-            )
-        return handle.read(length), 8 + length
+def _header_bytes(path: str, name: str, kind: FileKind) -> tuple[bytes, int]:
+    try:
+        with open(path, "rb") as handle:
+            start = handle.read(8)
+            if len(start) < 8:
+                raise _damaged(name, "it is shorter than a safetensors header")
+            (length,) = struct.unpack("<Q", start)
+            if length > MAX_HEADER_BYTES:
+                raise _damaged(
+                    name, f"its header has {length} bytes; {kind.what} header has well under {MAX_HEADER_BYTES}"
+                )
+            return handle.read(length), 8 + length
+    except OSError as error:
+        raise LoRWeBError(f"{name} could not be opened ({error.strerror or type(error).__name__}).") from None
 
 
 def _entries(raw: bytes, names: list[str], shapes: dict, name: str) -> dict[str, TensorEntry]:
@@ -124,10 +147,10 @@ def _entries(raw: bytes, names: list[str], shapes: dict, name: str) -> dict[str,
     return entries
 
 
-def _read_tensor(handle, start: int, entry: TensorEntry, key: str, name: str) -> torch.Tensor:
-    dtype = DTYPES.get(entry.dtype)
+def _read_tensor(handle, start: int, entry: TensorEntry, key: str, name: str, kind: FileKind) -> torch.Tensor:
+    dtype = kind.dtypes.get(entry.dtype)
     if dtype is None:
-        raise LoRWeBError(f"{name}: tensor {_short(key)} has dtype {entry.dtype}, which a LoRWeB basis never uses.")
+        raise LoRWeBError(f"{name}: tensor {_short(key)} has dtype {entry.dtype}, which {kind.what} never uses.")
     tensor = torch.empty(entry.shape, dtype=dtype)
     nbytes = entry.end - entry.begin
     if nbytes:

@@ -10,20 +10,18 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
-from collections.abc import Iterable
 
 import torch
-import yaml
-from safetensors.torch import save_file
 from torch import nn
 from torch.nn.utils import skip_init
 
-from lorweb_ops.basis import TRAINER_SOFTWARE, LoraBasis
-from lorweb_ops.config import BasisSettings
+from lorweb_ops.basis import LoraBasis
+from lorweb_ops.basis_format import TRAINER_SOFTWARE, module_tensors, write_basis_files
+from lorweb_ops.basis_format import ai_toolkit_config as basis_config
 from lorweb_ops.errors import LoRWeBError
 from lorweb_ops.finite import all_finite
 from lorweb_ops.mixing import coefficients_from_projected
+from lorweb_ops.settings import BasisSettings
 
 from .config import NetworkConfig
 
@@ -63,14 +61,7 @@ class TrainableBasis(nn.Module):
         super().__init__()
         self.module_names = tuple(shapes)
         self.query_dim = query_dim
-        self.settings = BasisSettings(
-            query_mode=network.query_mode,
-            lora_heads=network.lora_heads,
-            lora_softmax=network.lora_softmax,
-            mixing_coeffs_type=network.mixing_coeffs_type,
-            query_projection_type=network.query_projection_type,
-            external_query_model=network.external_query_model,
-        )
+        self.settings = network.settings()
         self.num_loras, self.rank, self.keys_dim = network.num_loras, network.rank, network.keys_dim
         projection = network.query_projection_type == "linear"
         if not projection and network.keys_dim != query_dim:
@@ -96,12 +87,11 @@ class TrainableBasis(nn.Module):
         """Tensors under the released names: ``transformer.<M>.lora_A`` ... ``.att_lora_to_q.weight``."""
         tensors = {}
         for name in self.module_names:
-            layer, prefix = self.layer(name), f"transformer.{name}"
-            tensors[f"{prefix}.lora_A"] = layer.lora_A.detach().to("cpu", dtype).contiguous()
-            tensors[f"{prefix}.lora_B"] = layer.lora_B.detach().to("cpu", dtype).contiguous()
-            tensors[f"{prefix}.lora_keys"] = layer.lora_keys.detach().to("cpu", dtype).contiguous()
-            if layer.to_q is not None:
-                tensors[f"{prefix}.att_lora_to_q.weight"] = layer.to_q.weight.detach().to("cpu", dtype).contiguous()
+            layer = self.layer(name)
+            parts = {"lora_A": layer.lora_A, "lora_B": layer.lora_B, "lora_keys": layer.lora_keys}
+            parts["to_q"] = layer.to_q.weight if layer.to_q is not None else None
+            stored = {part: t.detach().to("cpu", dtype) for part, t in parts.items() if t is not None}
+            tensors.update(module_tensors(name, stored))
         return tensors
 
     @torch.no_grad()
@@ -124,55 +114,25 @@ def init_generator(seed: int) -> torch.Generator:
 
 def network_from_basis(basis: LoraBasis, network: NetworkConfig) -> NetworkConfig:
     """The network settings of an ``--init`` basis: K, rank, key size and query settings come from the file."""
-    settings = basis.settings
     return NetworkConfig(
         num_loras=basis.num_loras,
         rank=basis.rank,
         keys_dim=basis.keys_dim,
-        lora_heads=settings.lora_heads,
-        lora_softmax=settings.lora_softmax,
-        mixing_coeffs_type=settings.mixing_coeffs_type,
-        query_mode=settings.query_mode,
-        query_projection_type=settings.query_projection_type,
-        external_query_model=settings.external_query_model,
         modules=list(basis.modules) if network.modules == "all" else network.modules,
+        **basis.settings.as_dict(),
     )
 
 
 def ai_toolkit_config(name: str, basis: TrainableBasis, extra_train: dict | None = None) -> dict:
-    """The ``config.yaml`` ai-toolkit saves beside a checkpoint; ``lorweb_ops.load_basis`` reads its network part."""
-    settings = basis.settings
-    return {
-        "job": "extension",
-        "config": {
-            "name": name,
-            "process": [
-                {
-                    "type": "sd_trainer",
-                    "network": {
-                        "type": "attlora",
-                        "linear": basis.rank,
-                        "linear_alpha": basis.rank,
-                        "network_kwargs": {
-                            "loras_num": basis.num_loras,
-                            "lora_keys_dim": basis.keys_dim,
-                            "lora_heads": settings.lora_heads,
-                            "lora_softmax": settings.lora_softmax,
-                            "mixing_coeffs_type": settings.mixing_coeffs_type,
-                            "query_mode": settings.query_mode,
-                            "external_query": True,
-                            "pooling_type": "avg",
-                            "query_projection_type": settings.query_projection_type,
-                            "external_query_model": settings.external_query_model,
-                        },
-                    },
-                    "train": extra_train or {},
-                    "model": {"arch": "flux_kontext"},
-                }
-            ],
-        },
-        "meta": {"name": name, "version": "1.0", "software": "LoRWeB for ComfyUI trainer (lorweb_train)"},
-    }
+    """The ``config.yaml`` beside a trained basis (its size and mixing settings; ``train``: the run's recipe)."""
+    return basis_config(
+        name,
+        rank=basis.rank,
+        num_loras=basis.num_loras,
+        keys_dim=basis.keys_dim,
+        settings=basis.settings,
+        train=extra_train,
+    )
 
 
 def check_finite_tensors(tensors: dict[str, torch.Tensor], what: str) -> None:
@@ -189,37 +149,9 @@ def check_finite_tensors(tensors: dict[str, torch.Tensor], what: str) -> None:
 def save_basis(basis: TrainableBasis, path: str, name: str, *, dtype: torch.dtype = torch.float16, step: int = 0,
                extra_train: dict | None = None) -> str:  # fmt: skip
     """Write ``path`` (safetensors) and ``config.yaml`` beside it, each through a temporary file (no torn files)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     metadata = {"format": "pt", "name": name, "version": "1.0", "training_info": f'{{"step": {step}}}',
                 "software": TRAINER_SOFTWARE}  # fmt: skip
     tensors = basis.released_state_dict(dtype)
     check_finite_tensors(tensors, f"the basis at step {step} (as {str(dtype).removeprefix('torch.')})")
-    temporary = path + ".tmp"
-    try:
-        save_file(tensors, temporary, metadata=metadata)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):  # a failed write (full disk) leaves no half file behind
-            os.remove(temporary)
-    config_path = os.path.join(folder, "config.yaml")
-    with open(config_path + ".tmp", "w", encoding="utf-8") as handle:
-        yaml.safe_dump(ai_toolkit_config(name, basis, extra_train), handle, sort_keys=False)
-    os.replace(config_path + ".tmp", config_path)
+    write_basis_files(path, tensors, metadata, ai_toolkit_config(name, basis, extra_train))
     return path
-
-
-def module_names_for(model_modules: Iterable[str], requested) -> list[str]:
-    """The diffusers module names to adapt: all found in the model, or the requested subset (checked)."""
-    available = list(model_modules)
-    if requested in ("all", None, ""):
-        return available
-    if isinstance(requested, str):
-        requested = [requested]
-    missing = [name for name in requested if name not in available]
-    if missing:
-        raise LoRWeBError(
-            f"network.modules names {missing[:3]} that the model does not have; use diffusers names such as "
-            f"{available[:2]} or 'all'."
-        )
-    return list(requested)

@@ -16,9 +16,10 @@ from typing import Any
 
 import yaml
 
+from lorweb_ops.bounded_yaml import read_plain_yaml
 from lorweb_ops.checks import show
-from lorweb_ops.config import QUERY_MODE_EMBEDDINGS, read_plain_yaml
 from lorweb_ops.errors import LoRWeBError
+from lorweb_ops.settings import QUERY_MODE_EMBEDDINGS, RELEASED_SETTINGS, BasisSettings
 
 #: query modes whose query is built from per-image embeddings (the cache holds E(a), E(a'), E(b), E(b'))
 TRAINABLE_QUERY_MODES = ("cat-aa'b", "ca'-ca", "ca'-ca+cb")
@@ -48,16 +49,22 @@ class DataConfig:
 
 @dataclass
 class NetworkConfig:
+    """The ``network`` section: the basis's size, and its mixing settings (:class:`BasisSettings`'s fields, written
+    flat as in ai-toolkit's ``network_kwargs``; the defaults are the released model's)."""
+
     num_loras: int = 32
     rank: int = 4
     keys_dim: int = 128
-    lora_heads: int = 1
-    lora_softmax: bool = True
-    mixing_coeffs_type: str = "mean"
-    query_mode: str = "cat-aa'b"
-    query_projection_type: str = "linear"
-    external_query_model: str = "openai/clip-vit-large-patch14"
+    lora_heads: int = RELEASED_SETTINGS.lora_heads
+    lora_softmax: bool = RELEASED_SETTINGS.lora_softmax
+    mixing_coeffs_type: str = RELEASED_SETTINGS.mixing_coeffs_type
+    query_mode: str = RELEASED_SETTINGS.query_mode
+    query_projection_type: str = RELEASED_SETTINGS.query_projection_type
+    external_query_model: str = RELEASED_SETTINGS.external_query_model
     modules: Any = "all"  # "all" Linears of the Flux blocks, or a list of diffusers module names
+
+    def settings(self) -> BasisSettings:
+        return BasisSettings(**{name: getattr(self, name) for name in RELEASED_SETTINGS.as_dict()})
 
 
 @dataclass

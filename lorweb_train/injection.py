@@ -1,6 +1,6 @@
 """Inject a trainable basis into a BFL/ComfyUI Flux model: forward hooks on its Linears, mixing per sample.
 
-Every adapted diffusers module is a row range of one BFL Linear (``lorweb_ops.flux_map``): fused q/k/v and the
+Every adapted diffusers module is a row range of one BFL Linear (``lorweb_ops.flux_layout``): fused q/k/v and the
 single blocks' ``linear1`` hold several modules. The hook adds, per sample ``b``,
 ``sum_k c[b, k] (x A_k) B_k`` (scale 1, as the reference) in activation space, so one batch can hold different
 analogies; ``sign`` = -1 gives LoRA Reverse's negated delta. The base weights are never touched.
@@ -16,12 +16,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lorweb_ops.errors import LoRWeBError
-from lorweb_ops.flux_map import DOUBLE_BLOCK_LAYERS, SINGLE_BLOCK_LAYERS, flux_target
+from lorweb_ops.flux_layout import BFL_BLOCK_LISTS, flux_target, module_shapes_in
 
 from .basis_module import TrainableBasis
-
-_BLOCK_KINDS = (("double_blocks", "transformer_blocks", DOUBLE_BLOCK_LAYERS),
-                ("single_blocks", "single_transformer_blocks", SINGLE_BLOCK_LAYERS))  # fmt: skip
 
 
 def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -39,24 +36,8 @@ def is_linear(module: nn.Module) -> bool:
 
 def flux_module_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
     """Diffusers module name -> ``(in, out)`` for every block Linear a LoRWeB basis can adapt, in block order."""
-    linears = linear_layers(model)
-    shapes: dict[str, tuple[int, int]] = {}
-    for bfl_block, diffusers_block, layers in _BLOCK_KINDS:
-        index = 0
-        while any(name.startswith(f"{bfl_block}.{index}.") for name in linears):
-            for suffix, (bfl_layer, slot) in layers.items():
-                linear = linears.get(f"{bfl_block}.{index}.{bfl_layer}")
-                if linear is None:
-                    continue
-                hidden = linear.in_features
-                if slot is None:
-                    out = linear.out_features
-                elif suffix == "proj_mlp":
-                    out = linear.out_features - 3 * hidden
-                else:
-                    out = hidden
-                shapes[f"{diffusers_block}.{index}.{suffix}"] = (linear.in_features, out)
-            index += 1
+    sizes = {name: (linear.in_features, linear.out_features) for name, linear in linear_layers(model).items()}
+    shapes = module_shapes_in(sizes)
     if not shapes:
         raise LoRWeBError(
             "the model has no Flux block Linears (double_blocks.N.* / single_blocks.N.*). Load a FLUX.1 Kontext "
@@ -169,7 +150,7 @@ class BasisInjector:
 def enable_gradient_checkpointing(model: nn.Module) -> list[nn.Module]:
     """Recompute each Flux block in backward (non-reentrant, so the hooks and kwargs work). Returns the blocks."""
     wrapped = []
-    for bfl_block, _, _ in _BLOCK_KINDS:
+    for bfl_block in BFL_BLOCK_LISTS:
         blocks = getattr(model, bfl_block, None)
         if blocks is None:
             continue
@@ -183,7 +164,7 @@ def enable_gradient_checkpointing(model: nn.Module) -> list[nn.Module]:
 
 
 def disable_gradient_checkpointing(model: nn.Module) -> None:
-    for bfl_block, _, _ in _BLOCK_KINDS:
+    for bfl_block in BFL_BLOCK_LISTS:
         for block in getattr(model, bfl_block, None) or []:
             original = getattr(block, "_lorweb_checkpointed", None)
             if original is not None:

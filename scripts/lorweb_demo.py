@@ -35,7 +35,10 @@ if str(REPO_ROOT) not in sys.path:
     # appended, never first: nothing of ComfyUI's is shadowed (the pack's __init__.py does the same)
     sys.path.append(str(REPO_ROOT))
 
-from lorweb_ops.flux_map import module_shape, released_module_names  # noqa: E402  (plain library, no ComfyUI)
+from lorweb_ops.basis_format import ai_toolkit_config, module_tensors, write_config  # noqa: E402  (plain library)
+from lorweb_ops.files import write_whole  # noqa: E402
+from lorweb_ops.flux_layout import module_shape, released_module_names  # noqa: E402
+from lorweb_ops.settings import RELEASED_SETTINGS  # noqa: E402
 
 FORMAT = 2  # bump when the files change, so old caches are rebuilt
 HIDDEN, MLP = 3072, 4 * 3072
@@ -63,14 +66,6 @@ TEMPLATE_IMAGES = {
     "lorweb_b_sketch.png": ("square", "blue"),
     "lorweb_a2.png": ("square", "green"),
     "lorweb_a2_prime.png": ("circle", "green"),
-}
-RELEASED_NETWORK_KWARGS = {
-    "query_mode": "cat-aa'b",
-    "lora_heads": 1,
-    "lora_softmax": True,
-    "mixing_coeffs_type": "mean",
-    "query_projection_type": "linear",
-    "external_query_model": "openai/clip-vit-large-patch14",
 }
 
 
@@ -105,7 +100,7 @@ def ensure_demo_files(cache: Path, log: Callable[[str], None] = print) -> None:
             log(f"demo: writing random {folder} weights to {path}")
             path.parent.mkdir(parents=True, exist_ok=True)
             write_whole(path, writers[key])
-    write_whole(cache / "lorweb" / "config.yaml", write_basis_config)
+    write_basis_config(cache / "lorweb" / "config.yaml")
     write_demo_images(cache / "images")
     write_whole(manifest, lambda path: path.write_text(json.dumps(_manifest(cache))))
 
@@ -116,14 +111,6 @@ def _manifest(cache: Path) -> dict:
         for folder, name in FILES.values()
     }
     return {"format": FORMAT, "files": sizes}
-
-
-def write_whole(path: Path, writer: Callable[[Path], None]) -> None:
-    # A half-written file from an interrupted run must never look like a finished one. The temporary name is the
-    # process' own: processes of one torchrun / accelerate launch may write the same demo file at the same time.
-    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-    writer(partial)
-    os.replace(partial, path)
 
 
 def register_demo_folders(cache: Path) -> None:
@@ -350,7 +337,7 @@ def write_vae(path: Path) -> None:
 def write_basis(path: Path, modules: list[str] | None = None, num_loras: int = NUM_LORAS, seed: int = 5) -> Path:
     """A random basis in the released on-disk format (ai-toolkit attlora keys, fp16) at the real widths.
 
-    ``modules``: diffusers module names (default: the 20 of double block 0 and single block 0). Written one
+    ``modules``: diffusers module names (default: the 20 of double block 0 and single block 0). Drawn one
     module at a time in fp16, so even the full 494-module size needs little more memory than the file.
     """
     from safetensors.torch import save_file
@@ -359,40 +346,24 @@ def write_basis(path: Path, modules: list[str] | None = None, num_loras: int = N
     tensors = {}
     for name in modules or released_module_names(depth=1, single_depth=1):
         fan_in, fan_out = module_shape(name)
-        prefix = f"transformer.{name}"
         # scaled so the composed delta changes the weights by some per cent, as a trained LoRA would
-        tensors[f"{prefix}.lora_A"] = (torch.randn(num_loras, fan_in, RANK, generator=generator) / fan_in**0.5).half()
-        tensors[f"{prefix}.lora_B"] = (0.05 * torch.randn(num_loras, RANK, fan_out, generator=generator)).half()
-        tensors[f"{prefix}.lora_keys"] = torch.randn(num_loras, KEYS_DIM, generator=generator).half()
-        tensors[f"{prefix}.att_lora_to_q.weight"] = (
-            torch.randn(KEYS_DIM, QUERY_DIM, generator=generator) / QUERY_DIM**0.5
-        ).half()
+        parts = {
+            "lora_A": torch.randn(num_loras, fan_in, RANK, generator=generator) / fan_in**0.5,
+            "lora_B": 0.05 * torch.randn(num_loras, RANK, fan_out, generator=generator),
+            "lora_keys": torch.randn(num_loras, KEYS_DIM, generator=generator),
+            "to_q": torch.randn(KEYS_DIM, QUERY_DIM, generator=generator) / QUERY_DIM**0.5,
+        }
+        tensors.update(module_tensors(name, {part: t.half() for part, t in parts.items()}))
     save_file(tensors, str(path), metadata={"format": "pt", "lorweb_demo": "random basis"})
     return path
 
 
 def write_basis_config(path: Path) -> None:
     """The ai-toolkit config.yaml saved beside a basis, with the released mixing settings."""
-    import yaml
-
-    document = {
-        "job": "extension",
-        "config": {
-            "name": "lorweb-demo",
-            "process": [
-                {
-                    "type": "sd_trainer",
-                    "network": {
-                        "type": "attlora",
-                        "linear": RANK,
-                        "linear_alpha": RANK,
-                        "network_kwargs": RELEASED_NETWORK_KWARGS,
-                    },
-                }
-            ],
-        },
-    }
-    path.write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
+    config = ai_toolkit_config(
+        "lorweb-demo", rank=RANK, num_loras=NUM_LORAS, keys_dim=KEYS_DIM, settings=RELEASED_SETTINGS
+    )
+    write_config(path, config)
 
 
 def demo_shape(kind: str, colour: str, size: int = TILE) -> Image.Image:

@@ -110,8 +110,7 @@ def prepare_demo_files(cache: Path | None) -> Path:
 
 
 def run_demo(argv: list[str]) -> int:
-    from lorweb_demo import write_whole
-
+    from lorweb_ops.files import write_whole
     from lorweb_train.__main__ import main
 
     args = parse_demo_args(argv)

@@ -32,7 +32,7 @@ def golden_tensors() -> dict[str, torch.Tensor]:
 
 def module_shapes(name: str, hidden: int, mlp: int) -> tuple[int, int]:
     """(in, out) of a Flux block Linear for a given hidden and MLP width."""
-    from lorweb_ops.flux_map import module_shape
+    from lorweb_ops.flux_layout import module_shape
 
     return module_shape(name, hidden, mlp)
 

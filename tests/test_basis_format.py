@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import lorweb_ops
 from lorweb_ops import LoRWeBError
-from lorweb_ops.flux_map import released_module_names
+from lorweb_ops.flux_layout import released_module_names
 
 TWO_BLOCK_MODULES = released_module_names(depth=1, single_depth=1)
 

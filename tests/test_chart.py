@@ -7,7 +7,7 @@ from lorweb_testing import GOLDEN_CKPT, golden_tensors
 
 import lorweb_ops
 from lorweb_ops.chart import block_matrix, dominant_loras, mix_entropy, mix_summary, render_mix_chart
-from lorweb_ops.flux_map import released_module_names
+from lorweb_ops.flux_layout import released_module_names
 
 
 def golden_weights(strength=1.0):

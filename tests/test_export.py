@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 import lorweb_ops
 from lorweb_ops import LoRWeBError, MixWeights
 from lorweb_ops.export import export_metadata, module_factors, peft_keys, reduce_rank
-from lorweb_ops.flux_map import released_module_names
+from lorweb_ops.flux_layout import released_module_names
 
 NUM_LORAS, RANK, HIDDEN = 4, 3, 16  # K*r = 12 < 16, so a reduced rank really loses something
 

@@ -10,8 +10,8 @@ from lorweb_testing import GOLDEN_CKPT, random_basis_tensors, write_ai_toolkit_c
 
 import lorweb_ops
 from lorweb_ops import LoRWeBError
-from lorweb_ops.config import MAX_CONFIG_BYTES, MAX_CONFIG_DEPTH
-from lorweb_ops.flux_map import released_module_names
+from lorweb_ops.bounded_yaml import MAX_CONFIG_BYTES, MAX_CONFIG_DEPTH
+from lorweb_ops.flux_layout import released_module_names
 
 MODULES = released_module_names(depth=1, single_depth=1)
 MESSAGE_LIMIT = 1000  # characters: a message is read by a person

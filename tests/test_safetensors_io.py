@@ -11,7 +11,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from lorweb_ops import LoRWeBError
-from lorweb_ops.safetensors_io import MAX_HEADER_BYTES, MAX_TENSORS, read_header, read_safetensors
+from lorweb_ops.safetensors_io import MAX_HEADER_BYTES, MAX_TENSORS, read_header, read_lora, read_tensors
 
 F32_2 = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
 
@@ -19,6 +19,15 @@ F32_2 = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
 def write_raw(path, header: bytes, data: bytes = b"", length: int | None = None) -> str:
     path.write_bytes(struct.pack("<Q", len(header) if length is None else length) + header + data)
     return str(path)
+
+
+def read_basis_file(path: str) -> tuple[dict, dict]:
+    header = read_header(path)
+    return read_tensors(path, header), header.metadata
+
+
+#: the two ways the pack reads a file: as a LoRWeB basis, and as an ordinary LoRA
+READERS = {"basis": read_basis_file, "lora": read_lora}
 
 
 def test_reads_what_the_library_writes_in_storage_order(tmp_path):
@@ -31,7 +40,7 @@ def test_reads_what_the_library_writes_in_storage_order(tmp_path):
     }
     path = str(tmp_path / "x.safetensors")
     save_file(tensors, path, metadata={"name": "x"})
-    ours, metadata = read_safetensors(path)
+    ours, metadata = read_basis_file(path)
     reference = load_file(path)
     assert metadata == {"name": "x"} and set(ours) == set(reference)
     for key, value in reference.items():
@@ -41,11 +50,28 @@ def test_reads_what_the_library_writes_in_storage_order(tmp_path):
     assert list(ours) == sorted(raw, key=lambda key: raw[key]["data_offsets"][0])
 
 
-def test_tensors_do_not_change_when_the_file_is_rewritten(tmp_path):
+def test_a_lora_is_read_in_every_dtype_loras_come_in_fp8_included(tmp_path):
+    tensors = {"up": torch.randn(4, 2).to(torch.float8_e4m3fn), "down": torch.randn(2, 4).to(torch.float8_e5m2)}
+    tensors["alpha"] = torch.tensor(2.0)
+    path = str(tmp_path / "lora.safetensors")
+    save_file(tensors, path)
+    ours, reference = read_lora(path), load_file(path)
+    assert set(ours) == set(reference)
+    for key, value in reference.items():
+        assert ours[key].dtype == value.dtype and torch.equal(
+            ours[key].reshape(-1).view(torch.uint8), value.reshape(-1).view(torch.uint8)
+        )
+    with pytest.raises(LoRWeBError, match="which a LoRWeB basis never uses"):
+        read_basis_file(path)
+
+
+@pytest.mark.parametrize("reader", READERS)
+def test_tensors_do_not_change_when_the_file_is_rewritten(tmp_path, reader):
     """The library's own tensors are views of a shared map; ours must not follow a file rewritten in place."""
     path = str(tmp_path / "x.safetensors")
     save_file({"t": torch.zeros(1000)}, path)
-    ours, _ = read_safetensors(path)
+    ours = READERS[reader](path)
+    ours = ours[0] if reader == "basis" else ours
     with open(path, "r+b") as handle:  # same inode, same size
         handle.seek(-4000, os.SEEK_END)
         handle.write(torch.ones(1000).numpy().tobytes())
@@ -81,8 +107,9 @@ MALFORMED = {
 }
 
 
+@pytest.mark.parametrize("reader", READERS)
 @pytest.mark.parametrize("case", MALFORMED)
-def test_malformed_headers_are_refused_with_the_file_named(tmp_path, case):
+def test_malformed_headers_are_refused_with_the_file_named(tmp_path, case, reader):
     header, data_bytes = MALFORMED[case]
     raw = header.encode() if isinstance(header, str) else header
     path = write_raw(tmp_path / "broken.safetensors", raw, bytes(data_bytes))
@@ -90,25 +117,27 @@ def test_malformed_headers_are_refused_with_the_file_named(tmp_path, case):
         with safe_open(path, framework="pt") as handle:
             [handle.get_tensor(key) for key in handle.keys()]
     with pytest.raises(LoRWeBError, match=r"^broken\.safetensors could not be read as safetensors: .*download it"):
-        read_safetensors(path)  # ... and so do we, with a message
+        READERS[reader](path)  # ... and so do we, with a message
 
 
+@pytest.mark.parametrize("reader", READERS)
 @pytest.mark.parametrize(
     "length, size, match",
     [(2**63, 0, "header too large"), (1000, 10, "invalid header length"), (0, 0, "EOF while parsing")],
 )
-def test_impossible_header_lengths(tmp_path, length, size, match):
+def test_impossible_header_lengths(tmp_path, length, size, match, reader):
     path = write_raw(tmp_path / "x.safetensors", b"{" + b" " * size, length=length)
     with pytest.raises(LoRWeBError, match=match):
-        read_safetensors(path)
+        READERS[reader](path)
 
 
+@pytest.mark.parametrize("reader", READERS)
 @pytest.mark.parametrize("content", [b"", b"1234", b"this is not a tensor file at all"])
-def test_files_too_small_or_foreign(tmp_path, content):
+def test_files_too_small_or_foreign(tmp_path, content, reader):
     path = tmp_path / "x.safetensors"
     path.write_bytes(content)
     with pytest.raises(LoRWeBError, match="could not be read as safetensors"):
-        read_safetensors(str(path))
+        READERS[reader](str(path))
 
 
 def test_a_header_far_larger_than_any_basis_is_refused_before_parsing(tmp_path):
@@ -129,12 +158,13 @@ def test_a_long_tensor_name_is_cut_in_messages(tmp_path):
     header = {"n" * 50_000: {**F32_2, "dtype": "F8_E4M3", "shape": [8]}}
     path = write_raw(tmp_path / "x.safetensors", json.dumps(header).encode(), bytes(8))
     with pytest.raises(LoRWeBError) as error:
-        read_safetensors(path)
+        read_basis_file(path)
     assert "F8_E4M3" in str(error.value) and len(str(error.value)) < 400
 
 
-def test_a_directory_is_named(tmp_path):
+@pytest.mark.parametrize("reader", READERS)
+def test_a_directory_is_named(tmp_path, reader):
     folder = tmp_path / "dir.safetensors"
     folder.mkdir()
     with pytest.raises(LoRWeBError, match="dir.safetensors"):
-        read_safetensors(str(folder))
+        READERS[reader](str(folder))

@@ -153,7 +153,7 @@ def test_a_diverging_run_keeps_the_last_good_checkpoint(tmp_path):
 
 def test_the_loader_says_whether_a_nan_basis_was_trained_here_or_downloaded(tmp_path):
     import lorweb_ops
-    from lorweb_ops.basis import TRAINER_SOFTWARE
+    from lorweb_ops.basis_format import TRAINER_SOFTWARE
 
     module = "transformer.transformer_blocks.0.attn.to_q"
     tensors = {

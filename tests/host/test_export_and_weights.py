@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 import lorweb_ops
 from lorweb_ops import MixWeights
-from lorweb_ops.flux_map import module_shape, released_module_names
+from lorweb_ops.flux_layout import module_shape, released_module_names
 
 STRENGTH = 0.8
 BASIS = "export_golden.safetensors"

@@ -19,7 +19,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import lorweb_ops
-from lorweb_ops.flux_map import released_module_names
+from lorweb_ops.flux_layout import released_module_names
 
 
 @pytest.mark.parametrize("variant", list(GOLDEN_VARIANTS))

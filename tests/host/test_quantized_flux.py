@@ -24,7 +24,7 @@ from host_graphs import ksampler
 from safetensors.torch import load_file, save_file
 
 import lorweb_ops
-from lorweb_ops.flux_map import released_module_names
+from lorweb_ops.flux_layout import released_module_names
 
 if str(REPO_ROOT / "scripts") not in sys.path:
     sys.path.append(str(REPO_ROOT / "scripts"))

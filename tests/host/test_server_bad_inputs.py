@@ -16,7 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import lorweb_ops
-from lorweb_ops.flux_map import released_module_names
+from lorweb_ops.flux_layout import released_module_names
 
 RUN_SECONDS = 120
 

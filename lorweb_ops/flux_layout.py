@@ -1,4 +1,5 @@
-"""Where each LoRWeB module (diffusers Flux name) lives in a ComfyUI / BFL Flux model.
+"""Every fact about Flux's Linear layout: where each LoRWeB module (diffusers Flux name) lives in a ComfyUI / BFL
+Flux model, the widths of each Linear, and how the blocks are ordered. Nothing else in the pack spells block names.
 
 diffusers keeps q, k, v (and the single blocks' MLP input) as separate Linears; BFL and ComfyUI fuse
 them along the output rows. Input columns never need permuting, so a module maps to a row range of
@@ -8,6 +9,7 @@ one BFL weight. Row starts are multiples of the hidden size, which is every modu
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from .errors import LoRWeBError
@@ -41,6 +43,8 @@ _BLOCKS = {
     "transformer_blocks": ("double_blocks", DOUBLE_BLOCK_LAYERS),
     "single_transformer_blocks": ("single_blocks", SINGLE_BLOCK_LAYERS),
 }
+#: the BFL model's lists of blocks (``model.double_blocks``, ``model.single_blocks``)
+BFL_BLOCK_LISTS = tuple(bfl_block for bfl_block, _ in _BLOCKS.values())
 _MODULE_NAME = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$")
 
 #: The released model adapts every Linear of the 19 double and 38 single Flux blocks.
@@ -81,6 +85,46 @@ def flux_target(module: str, in_features: int, out_features: int) -> FluxTarget:
     bfl_layer, slot = layers[layer]
     row_start = 0 if slot is None else slot * in_features
     return FluxTarget(module, f"{bfl_block}.{index}.{bfl_layer}", row_start, out_features, slot is not None)
+
+
+def block_of(module: str) -> tuple[int, int]:
+    """Sort key and group of a module (diffusers name): double blocks first, then single blocks, by index."""
+    match = _MODULE_NAME.match(module)
+    if not match:
+        return (2, 0)
+    return (0 if match.group(1) == "transformer_blocks" else 1, int(match.group(2)))
+
+
+def module_shapes_in(linears: Mapping[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
+    """Diffusers module name -> ``(in, out)`` of every block Linear a basis can adapt, in block order, from a BFL
+    model's Linears (``double_blocks.0.img_attn.qkv`` -> ``(in, out)``); a fused weight gives each module its rows."""
+    shapes: dict[str, tuple[int, int]] = {}
+    for diffusers_block, (bfl_block, layers) in _BLOCKS.items():
+        index = 0
+        while any(name.startswith(f"{bfl_block}.{index}.") for name in linears):
+            for suffix, (bfl_layer, slot) in layers.items():
+                size = linears.get(f"{bfl_block}.{index}.{bfl_layer}")
+                if size is not None:
+                    in_features, out_features = size
+                    if slot is None:
+                        out = out_features
+                    elif suffix == "proj_mlp":
+                        out = out_features - 3 * in_features  # linear1's rows after q, k, v
+                    else:
+                        out = in_features
+                    shapes[f"{diffusers_block}.{index}.{suffix}"] = (in_features, out)
+            index += 1
+    return shapes
+
+
+def fused_rows(bfl_layer: str, covering: Sequence[FluxTarget], hidden: int) -> int:
+    """Row count of a whole BFL weight, from the modules of a basis that cover it."""
+    if bfl_layer.endswith(".qkv"):
+        return 3 * hidden
+    if bfl_layer.endswith(".linear1"):
+        mlp = next((t.row_count for t in covering if t.module.endswith("proj_mlp")), 4 * hidden)
+        return 3 * hidden + mlp
+    return max(t.row_start + t.row_count for t in covering)
 
 
 def module_shape(module: str, hidden: int = 3072, mlp: int = 4 * 3072) -> tuple[int, int]:

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from .bounded_yaml import BoundedLoader, ConfigTooComplex, child, entries, node_kind, read_config_text, scalar
 from .checks import show
 from .errors import LoRWeBError
 
@@ -85,75 +86,14 @@ def find_config_beside(basis_path: str) -> str | None:
     return None
 
 
-#: An ai-toolkit config is a few kB. These bounds keep a hostile file to well under a second and a few MB.
-MAX_CONFIG_BYTES = 256 * 1024
-MAX_CONFIG_DEPTH = 32
-MAX_CONFIG_NODES = 20_000
-_MERGE_TAG = "tag:yaml.org,2002:merge"
-
-
-class _ConfigTooComplex(Exception):
-    pass
-
-
-class _BoundedLoader(yaml.SafeLoader):
-    """PyYAML's safe composer with a bound on nesting and on the number of nodes.
-
-    Only the node graph is built (aliases stay references to one node, so nothing is expanded); the few values
-    the pack needs are constructed from it afterwards, one scalar at a time.
-    """
-
-    def __init__(self, stream):
-        super().__init__(stream)
-        self._depth = 0
-        self._nodes = 0
-
-    def compose_node(self, parent, index):
-        self._depth += 1
-        self._nodes += 1
-        if self._depth > MAX_CONFIG_DEPTH:
-            raise _ConfigTooComplex(f"it nests deeper than {MAX_CONFIG_DEPTH} levels")
-        if self._nodes > MAX_CONFIG_NODES:
-            raise _ConfigTooComplex(f"it has more than {MAX_CONFIG_NODES} values")
-        try:
-            return super().compose_node(parent, index)
-        finally:
-            self._depth -= 1
-
-
-class _PlainLoader(_BoundedLoader):
-    """The bounded loader for documents that are constructed whole: aliases are refused outright."""
-
-    def compose_node(self, parent, index):
-        if self.check_event(yaml.AliasEvent):
-            raise _ConfigTooComplex("it uses YAML aliases (*name); write the values out")
-        return super().compose_node(parent, index)
-
-
-def read_plain_yaml(path: str, fix: str) -> Any:
-    """A whole yaml document, within the same bounds as a basis config and without aliases.
-
-    ``fix`` ends every message: what the user should give instead (e.g. "Give the path of your train.yaml.").
-    """
-    loader = _PlainLoader(_read_config_text(path, fix))
-    try:
-        return loader.get_single_data()
-    except _ConfigTooComplex as error:
-        raise LoRWeBError(f"{path} cannot be read: {error}. {fix}") from None
-    except (yaml.YAMLError, ValueError) as error:
-        raise LoRWeBError(f"{path} is not readable YAML ({show(str(error), 200)}). {fix}") from None
-    finally:
-        loader.dispose()
-
-
 def settings_from_yaml(path: str) -> BasisSettings:
     """Read ``config.process[0].network.network_kwargs`` of an ai-toolkit training config."""
-    text = _read_config_text(path, _CONFIG_FIX)
-    loader = _BoundedLoader(text)
+    text = read_config_text(path, _CONFIG_FIX)
+    loader = BoundedLoader(text)
     try:
         document = loader.get_single_node()
         kwargs = _network_kwargs(document, loader, path)
-    except _ConfigTooComplex as error:
+    except ConfigTooComplex as error:
         raise LoRWeBError(
             f"{path} is not an ai-toolkit config: {error}. Give the config.yaml saved beside the basis."
         ) from None
@@ -170,77 +110,32 @@ def settings_from_yaml(path: str) -> BasisSettings:
 _CONFIG_FIX = "Give the ai-toolkit config.yaml saved beside the basis."
 
 
-def _read_config_text(path: str, fix: str) -> str:
-    if not os.path.isfile(path):
-        raise LoRWeBError(f"config file not found: {path}. {fix}")
-    with open(path, "rb") as handle:
-        raw = handle.read(MAX_CONFIG_BYTES + 1)
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise LoRWeBError(f"{path} is larger than {MAX_CONFIG_BYTES // 1024} kB; a config is a few kB. {fix}")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise LoRWeBError(f"{path} is not UTF-8 text. {fix}") from None
-
-
-def _network_kwargs(document: yaml.Node | None, loader: _BoundedLoader, path: str) -> dict[str, Any]:
-    network = _child(_child(_child(document, "config"), "process"), 0)
-    network = _child(network, "network")
+def _network_kwargs(document: yaml.Node | None, loader: BoundedLoader, path: str) -> dict[str, Any]:
+    network = child(child(child(document, "config"), "process"), 0)
+    network = child(network, "network")
     if not isinstance(network, yaml.MappingNode):
         raise LoRWeBError(
             f"{path} is not an ai-toolkit training config: it has no config.process[0].network section. "
             "Give the config.yaml saved beside the LoRWeB checkpoint, or choose 'auto'."
         )
-    kind = _child(network, "type")
-    kind = "attlora" if kind is None else _scalar(kind, loader, "network.type", path)
+    kind = child(network, "type")
+    kind = "attlora" if kind is None else scalar(kind, loader, "network.type", path)
     if str(kind).lower() != "attlora":
         raise LoRWeBError(
             f"{path} describes a network of type {show(kind)}, not a LoRWeB basis ('attlora'). "
             "Give the config.yaml that was saved with the LoRWeB checkpoint."
         )
-    kwargs = _child(network, "network_kwargs")
+    kwargs = child(network, "network_kwargs")
     if kwargs is None or (isinstance(kwargs, yaml.ScalarNode) and kwargs.tag.endswith(":null")):
         return {}
     if not isinstance(kwargs, yaml.MappingNode):
-        raise LoRWeBError(f"{path}: network.network_kwargs must be a mapping, found a {_node_kind(kwargs)}.")
+        raise LoRWeBError(f"{path}: network.network_kwargs must be a mapping, found a {node_kind(kwargs)}.")
     wanted = _KNOWN_KEYS | {"external_query"}
     return {
-        key.value: _scalar(value, loader, f"network_kwargs.{key.value}", path)
-        for key, value in _entries(kwargs, path)
+        key.value: scalar(value, loader, f"network_kwargs.{key.value}", path)
+        for key, value in entries(kwargs, "network_kwargs", path)
         if key.value in wanted
     }
-
-
-def _child(node: yaml.Node | None, key: str | int) -> yaml.Node | None:
-    """``node[key]`` on the composed graph (the last of repeated keys wins, as in PyYAML), or None."""
-    if isinstance(key, int):
-        return node.value[key] if isinstance(node, yaml.SequenceNode) and len(node.value) > key else None
-    if not isinstance(node, yaml.MappingNode):
-        return None
-    found = None
-    for name, value in node.value:
-        if isinstance(name, yaml.ScalarNode) and name.value == key:
-            found = value
-    return found
-
-
-def _entries(node: yaml.MappingNode, path: str) -> list[tuple[yaml.ScalarNode, yaml.Node]]:
-    if any(name.tag == _MERGE_TAG for name, _ in node.value):
-        raise LoRWeBError(f"{path}: network_kwargs uses a YAML merge key (<<); write its values out instead.")
-    return [(name, value) for name, value in node.value if isinstance(name, yaml.ScalarNode)]
-
-
-def _scalar(node: yaml.Node, loader: _BoundedLoader, name: str, path: str) -> Any:
-    if not isinstance(node, yaml.ScalarNode):
-        raise LoRWeBError(f"{path}: {name} must be a single value, found a {_node_kind(node)}.")
-    try:
-        return loader.construct_object(node, deep=True)
-    except (yaml.YAMLError, ValueError):
-        raise LoRWeBError(f"{path}: {name} has a value YAML cannot read: {show(node.value)}.") from None
-
-
-def _node_kind(node: yaml.Node) -> str:
-    return {yaml.MappingNode: "mapping", yaml.SequenceNode: "list"}.get(type(node), "value")
 
 
 def settings_from_kwargs(kwargs: Mapping, source: str) -> BasisSettings:
