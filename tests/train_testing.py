@@ -384,3 +384,19 @@ def png_header_only(path: Path, width: int, height: int) -> None:
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
     body = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + body)
+
+
+# ---- stand-ins for ComfyUI's encoders at the tiny Flux's widths (host tests on ComfyUI's own Flux) --------------
+
+
+def text_16_8(texts: list[str]):
+    """Flux-shaped text stand-in for the tiny model: context width 16, pooled width 8 (no tiny T5 exists)."""
+    context, _ = CharacterText(dim=16)(texts)
+    return context, context.mean(dim=1)[:, :8]
+
+
+def latents_16(images: torch.Tensor) -> torch.Tensor:
+    """A fixed /8, 16-channel pixel encoder standing in for the Flux VAE at test size."""
+    pooled = torch.nn.functional.avg_pool2d(images.permute(0, 3, 1, 2) * 2 - 1, 8)  # [N, 3, h, w]
+    mixing = torch.randn(16, 3, generator=torch.Generator().manual_seed(11))
+    return torch.einsum("oc,nchw->nohw", mixing, pooled)

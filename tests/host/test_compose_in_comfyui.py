@@ -7,156 +7,26 @@ float32; over a few steps of the tiny model that stays below 1e-5 of the latent'
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 from comfy_host import ExecutionFailed
-from host_graphs import GOLDEN_FLUX
-from lorweb_testing import GOLDEN_CKPT, GOLDEN_TENSORS
+from host_graphs import (
+    close,
+    compose_base_nodes,
+    compose_files,
+    compose_runtime,
+    composed,
+    lora_set_nodes,
+    samples,
+    stock,
+)
+from lorweb_testing import GOLDEN_TENSORS
 from safetensors.torch import save_file
-
-HIDDEN, MLP = 8, 32
-TOLERANCE = 1e-4
-
-
-def _random(shape, generator, scale=0.5):
-    return scale * torch.randn(*shape, generator=generator)
-
-
-def _lora_files(folder) -> dict[str, str]:
-    """Three LoRAs in three formats ComfyUI reads: diffusers (fused q/k/v slices), kohya with alpha, BFL keys."""
-    generator = torch.Generator().manual_seed(7)
-    rank = 2
-    diffusers = {}
-    for name in ("to_q", "to_k", "to_v", "to_out.0"):
-        prefix = f"transformer.transformer_blocks.0.attn.{name}"
-        diffusers[f"{prefix}.lora_A.weight"] = _random((rank, HIDDEN), generator)
-        diffusers[f"{prefix}.lora_B.weight"] = _random((HIDDEN, rank), generator)
-    kohya = {
-        "lora_unet_double_blocks_0_img_mlp_0.lora_down.weight": _random((rank, HIDDEN), generator),
-        "lora_unet_double_blocks_0_img_mlp_0.lora_up.weight": _random((MLP, rank), generator),
-        "lora_unet_double_blocks_0_img_mlp_0.alpha": torch.tensor(1.0),
-        "lora_unet_single_blocks_0_linear1.lora_down.weight": _random((rank, HIDDEN), generator),
-        "lora_unet_single_blocks_0_linear1.lora_up.weight": _random((3 * HIDDEN + MLP, rank), generator),
-        "lora_unet_single_blocks_0_linear1.alpha": torch.tensor(4.0),
-    }
-    bfl = {
-        "diffusion_model.single_blocks.0.linear2.lora_A.weight": _random((rank, HIDDEN + MLP), generator),
-        "diffusion_model.single_blocks.0.linear2.lora_B.weight": _random((HIDDEN, rank), generator),
-        "diffusion_model.double_blocks.0.txt_mlp.2.lora_A.weight": _random((rank, MLP), generator),
-        "diffusion_model.double_blocks.0.txt_mlp.2.lora_B.weight": _random((HIDDEN, rank), generator),
-    }
-    names = {}
-    for name, tensors in (("a_diffusers", diffusers), ("b_kohya", kohya), ("c_bfl", bfl)):
-        save_file(tensors, str(folder / f"compose_{name}.safetensors"))
-        names[name[0]] = f"compose_{name}.safetensors"
-    save_file(
-        {"lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(2, 4)},
-        str(folder / "compose_not_flux.safetensors"),
-    )
-    return names
 
 
 @pytest.fixture(scope="module")
 def files(host):
-    flux_path = host.base / "compose_tiny_flux.safetensors"
-    original = host.support().write_tiny_flux(str(flux_path), **GOLDEN_FLUX)
-    shutil.copy(GOLDEN_CKPT, host.models / "lorweb" / "compose_golden.safetensors")
-    return {"flux": str(flux_path), "original": original, "loras": _lora_files(host.models / "loras")}
-
-
-def _base_nodes(flux_path: str, cfg: float, steps: int, sampler: str, model_ref: list, seed=50) -> dict:
-    return {
-        "flux": {"class_type": "LoRWeBTest_TinyFluxLoader", "inputs": {"path": flux_path}},
-        "text": {
-            "class_type": "LoRWeBTest_RandomTextConditioning",
-            "inputs": {"tokens": 5, "context_dim": 16, "pooled_dim": 8, "seed": 1},
-        },
-        "latent": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 32, "height": 32, "batch_size": 1}},
-        "guidance": {"class_type": "FluxGuidance", "inputs": {"conditioning": ["text", 0], "guidance": 2.5}},
-        "negative": {
-            "class_type": "LoRWeBTest_RandomTextConditioning",
-            "inputs": {"tokens": 5, "context_dim": 16, "pooled_dim": 8, "seed": 2},
-        },
-        "sample": {
-            "class_type": "KSampler",
-            "inputs": {
-                "model": model_ref,
-                "seed": seed,
-                "steps": steps,
-                "cfg": cfg,
-                "sampler_name": sampler,
-                "scheduler": "simple",
-                "positive": ["guidance", 0],
-                "negative": ["negative", 0],
-                "latent_image": ["latent", 0],
-                "denoise": 1.0,
-            },
-        },
-        "probe": {"class_type": "LoRWeBTest_ProbeWeights", "inputs": {"model": model_ref, "samples": ["sample", 0]}},
-    }
-
-
-def _set_nodes(loras: list[tuple[str, float]]) -> tuple[dict, list]:
-    nodes, previous = {}, None
-    for index, (name, strength) in enumerate(loras):
-        inputs = {"lora_name": name, "strength": strength}
-        if previous:
-            inputs["lora_set"] = previous
-        nodes[f"set{index}"] = {"class_type": "LoRWeB_LoraSetAddLoRA", "inputs": inputs}
-        previous = [f"set{index}", 0]
-    return nodes, previous
-
-
-def composed(files, loras, method="composite", steps=3, cfg=1.0, sampler="euler", **options) -> dict:
-    nodes, lora_set = _set_nodes(loras)
-    settings = dict(
-        tau=5,
-        cache="non-uniform",
-        cache_interval=3,
-        late_fraction=0.55,
-        low_frequency_count=-1,
-        reference_behaviour=False,
-    )
-    settings.update(options)
-    nodes["compose"] = {
-        "class_type": "LoRWeB_ComposeLoRASet",
-        "inputs": {"model": ["flux", 0], "lora_set": lora_set, "method": method, **settings},
-    }
-    return {**_base_nodes(files["flux"], cfg, steps, sampler, ["compose", 0]), **nodes}
-
-
-def stock(files, loras, steps=3, cfg=1.0, sampler="euler") -> dict:
-    """The same sampling with LoraLoaderModelOnly chained (no LoRA at all for an empty list)."""
-    nodes, model = {}, ["flux", 0]
-    for index, (name, strength) in enumerate(loras):
-        nodes[f"stock{index}"] = {
-            "class_type": "LoraLoaderModelOnly",
-            "inputs": {"model": model, "lora_name": name, "strength_model": strength},
-        }
-        model = [f"stock{index}", 0]
-    return {**_base_nodes(files["flux"], cfg, steps, sampler, model), **nodes}
-
-
-def samples(host, prompt) -> torch.Tensor:
-    host.run(prompt)
-    return host.support().PROBES["samples"]
-
-
-def close(actual, expected, tolerance=TOLERANCE):
-    scale = expected.abs().max().item()
-    difference = (actual - expected).abs().max().item()
-    assert difference <= tolerance * max(scale, 1.0), f"max difference {difference:.3e} (scale {scale:.3e})"
-
-
-def runtime(host):
-    """The composition wrapper of the MODEL that was sampled (read through the pack's own module)."""
-    import lorweb_comfy.compose_runtime
-
-    found = lorweb_comfy.compose_runtime.runtime_of(host.support().PROBES["model"])
-    assert len(found) == 1
-    return found[0]
+    return compose_files(host)
 
 
 def test_composite_of_copies_equals_one_lora(host, files):
@@ -209,7 +79,7 @@ def test_merge_equals_chained_lora_loaders(host, files):
 
 def _forwards_per_step(host, steps: int) -> list[int]:
     per_step = [0] * steps
-    for step, forwards in runtime(host).state.combined.calls:
+    for step, forwards in compose_runtime(host).state.combined.calls:
         per_step[step] += forwards
     return per_step
 
@@ -230,7 +100,7 @@ def test_forwards_per_step_of_each_method(host, files):
     expected = [4 if s == 0 else 2 if s in refresh else 1 for s in range(6)]
     assert _forwards_per_step(host, 6) == expected
     # three cached contributions of one 1 x 16 x 4 x 4 float32 prediction each, released after sampling
-    state = runtime(host).state.combined
+    state = compose_runtime(host).state.combined
     assert state.cache_bytes == 3 * 16 * 4 * 4 * 4 and state.deltas == {}
     # the reference code turns caching off with the non-uniform schedule: every LoRA every step
     host.run(composed(files, loras, "cmlora", steps=6, cache="non-uniform", reference_behaviour=True))
@@ -241,7 +111,7 @@ def test_two_calls_per_step_do_not_advance_the_schedule_twice(host, files):
     """Heun calls the model twice per step (not on the last): the refreshes still happen once per step."""
     a, b = files["loras"]["a"], files["loras"]["b"]
     host.run(composed(files, [(a, 1.0), (b, 1.0)], "cmlora", steps=6, sampler="heun", cache="non-uniform"))
-    calls = runtime(host).state.combined.calls
+    calls = compose_runtime(host).state.combined.calls
     assert len(calls) == 2 * 6 - 1  # heun: 2 model calls per step, the last step is a plain Euler step
     extra = sum(forwards - 1 for _, forwards in calls)
     # step 0 fills the base and the other LoRA (2 extra), each later refresh step {2, 5} one base pass
@@ -292,9 +162,9 @@ def test_interrupting_a_composed_run_leaves_the_model_unpatched(host, files):
 def test_scheduled_strength_constant_equals_lora_at_that_strength(host, files):
     a = files["loras"]["a"]
     expected = samples(host, stock(files, [(a, 0.5)], steps=4))
-    nodes, lora_set = _set_nodes([(a, 1.0)])
+    nodes, lora_set = lora_set_nodes([(a, 1.0)])
     for start, end, strengths in ((0.5, 0.5, ""), (0.0, 0.0, "0.5"), (1.0, 0.0, "0.5, 0.5, 0.5")):
-        prompt = {**_base_nodes(files["flux"], 1.0, 4, "euler", ["scheduled", 0]), **nodes}
+        prompt = {**compose_base_nodes(files["flux"], 1.0, 4, "euler", ["scheduled", 0]), **nodes}
         prompt["scheduled"] = {
             "class_type": "LoRWeB_ScheduledStrength",
             "inputs": {"model": ["flux", 0], "lora_set": lora_set, "start": start, "end": end, "strengths": strengths},
@@ -318,8 +188,8 @@ def test_analogy_in_a_set_equals_apply_basis(host, files):
             "inputs": {"model": ["flux", 0], "basis": ["basis", 0], "analogy": ["analogy", 0], "strength": 0.8},
         },
     }
-    expected = samples(host, {**_base_nodes(files["flux"], 1.0, 3, "euler", ["apply", 0]), **analogy_nodes})
-    prompt = {**_base_nodes(files["flux"], 1.0, 3, "euler", ["compose", 0]), **analogy_nodes}
+    expected = samples(host, {**compose_base_nodes(files["flux"], 1.0, 3, "euler", ["apply", 0]), **analogy_nodes})
+    prompt = {**compose_base_nodes(files["flux"], 1.0, 3, "euler", ["compose", 0]), **analogy_nodes}
     prompt["set0"] = {
         "class_type": "LoRWeB_LoraSetAddAnalogy",
         "inputs": {"basis": ["basis", 0], "weights": ["apply", 1], "strength": 0.8, "name": "golden"},

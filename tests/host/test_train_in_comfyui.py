@@ -10,24 +10,11 @@ import pytest
 import torch
 from lorweb_testing import GOLDEN
 from safetensors.torch import load_file, save_file
-from train_testing import CharacterText, training_config, write_quadruplets
+from train_testing import latents_16, text_16_8, training_config, write_quadruplets
 
 import lorweb_ops
 
 FLUX = dict(hidden=8, mlp_ratio=4.0, heads=1, axes=[2, 2, 4], depth=1, single_depth=1, context=16, vec=8)
-
-
-def text_16_8(texts: list[str]):
-    """Flux-shaped text stand-in for the tiny model: context width 16, pooled width 8 (no tiny T5 exists)."""
-    context, _ = CharacterText(dim=16)(texts)
-    return context, context.mean(dim=1)[:, :8]
-
-
-def latents_16(images: torch.Tensor) -> torch.Tensor:
-    """A fixed /8, 16-channel pixel encoder standing in for the Flux VAE at test size."""
-    pooled = torch.nn.functional.avg_pool2d(images.permute(0, 3, 1, 2) * 2 - 1, 8)  # [N, 3, h, w]
-    mixing = torch.randn(16, 3, generator=torch.Generator().manual_seed(11))
-    return torch.einsum("oc,nchw->nohw", mixing, pooled)
 
 
 @pytest.fixture(scope="module")

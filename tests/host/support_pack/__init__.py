@@ -89,7 +89,9 @@ class TinyFluxLoader:
         model_config.set_inference_dtype(torch.float32, None)
         model = model_config.get_model(state, "")
         model.load_model_weights(state, "")
-        patcher = comfy.model_patcher.ModelPatcher(
+        # the class ComfyUI's own loaders use (ModelPatcherDynamic on a 0.33 GPU; tests swap it in, see dynamic.py)
+        patcher_class = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
+        patcher = patcher_class(
             model, comfy.model_management.get_torch_device(), comfy.model_management.unet_offload_device()
         )
         LOADED.update(model=patcher, path=path)
@@ -215,6 +217,7 @@ class ProbeWeights:
         return {"ui": {"probed": [len(state)]}}
 
 
+from .dynamic import CpuModelPatcherDynamic, dynamic_core_patcher  # noqa: E402,F401  (used by the tests)
 from .probes import LINEAR_PROBES, ProbeLinear  # noqa: E402,F401  (LINEAR_PROBES: read by the tests)
 
 NODE_CLASS_MAPPINGS = {
