@@ -224,9 +224,9 @@ def test_trainer_glue_trains_on_a_dynamic_patchers_model(host, files, dynamic, t
     GPU) and trains LoRAs injected as forward hooks; the frozen base weights are left bitwise and the hooks go."""
     if dynamic is None:
         return  # absence asserted by the fixture (ComfyUI < 0.33)
-    from lorweb_train_comfyui import backend_from_comfy
     from train_testing import latents_16, text_16_8, training_config, write_quadruplets
 
+    from lorweb_train.backends.comfyui import backend_from_comfy
     from lorweb_train.config import config_from_mapping
     from lorweb_train.trainer import Trainer
 
