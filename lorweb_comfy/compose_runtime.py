@@ -34,11 +34,11 @@ from lorweb_ops.compose import (
     step_index,
     strength_schedule,
 )
+from lorweb_ops.flux_layout import MODEL_PREFIX
 from lorweb_ops.lowrank import LowRankTerm, lowrank_output
 
 from .patching import check_model_fits, comfy_patches
 
-_PREFIX = "diffusion_model."
 _WRAPPER_KEY = "lorweb_compose"
 
 
@@ -53,7 +53,7 @@ def merge_patches(model, entry: SetEntry) -> dict:
         return comfy_patches(patches)
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
     loaded = comfy.lora.load_lora(comfy.lora_convert.convert_lora(entry.state), key_map, log_missing=False)
-    known = set(model.model_state_dict(filter_prefix=_PREFIX))
+    known = set(model.model_state_dict(filter_prefix=MODEL_PREFIX))
     matched = {k: v for k, v in loaded.items() if (k[0] if isinstance(k, tuple) else k) in known}
     if not matched:
         raise LoRWeBError(
@@ -89,7 +89,7 @@ def lowrank_terms(model, entry: SetEntry) -> list[LowRankTerm]:
         start, count = (offset[1], offset[2]) if offset else (0, None)
         if offset and offset[0] != 0:
             raise LoRWeBError(f"The LoRA {entry.name} patches {key} along dimension {offset[0]}; use method 'merge'.")
-        terms.append(LowRankTerm(key[len(_PREFIX) : -len(".weight")], up, down, scale, start, count))
+        terms.append(LowRankTerm(key[len(MODEL_PREFIX) : -len(".weight")], up, down, scale, start, count))
     _check_terms(model, entry, terms)
     return terms
 

@@ -9,13 +9,12 @@ from comfy_api.latest import io
 
 from lorweb_ops import LoRWeBError, MixWeights, composed_patches
 from lorweb_ops.chart import mix_summary, render_mix_chart
-from lorweb_ops.checks import is_number_in, show
+from lorweb_ops.checks import STRENGTH_LIMIT, is_number_in, show
 from lorweb_ops.images import from_pil
 
 from .patching import check_model_fits, patched_clone
 from .types import Weights
 
-STRENGTH_LIMIT = 10.0
 CHART_TOOLTIP = (
     "The mix as a picture: blocks x basis LoRAs heat map, mean weight per basis LoRA, entropy. Save or "
     "preview it with the stock image nodes."

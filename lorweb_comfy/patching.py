@@ -11,8 +11,6 @@ from comfy.weight_adapter import LoRAAdapter
 from lorweb_ops import LoRWeBError, ModulePatch
 from lorweb_ops.flux_layout import BFL_BLOCK_LISTS
 
-_PREFIX = "diffusion_model."
-
 
 def _weight_shapes(model, keys: set[str]) -> dict[str, tuple[int, ...]]:
     """The logical shape of each target weight, read from the module itself.

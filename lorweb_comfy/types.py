@@ -2,6 +2,8 @@
 
 from comfy_api.latest import io
 
+from lorweb_ops.basis_format import WEIGHTS_LICENCE
+
 #: a loaded ``lorweb_ops.LoraBasis``
 Basis = io.Custom("LORWEB_BASIS")
 #: a ``lorweb_ops.Analogy``: one query for one (a, a', b)
@@ -10,10 +12,7 @@ Analogy = io.Custom("LORWEB_ANALOGY")
 Weights = io.Custom("LORWEB_WEIGHTS")
 
 CATEGORY = "LoRWeB"
-LICENCE_NOTE = (
-    "The released LoRWeB basis (hilamanor/lorweb) is under NVIDIA's non-commercial licence: "
-    "research and non-commercial use only."
-)
+LICENCE_NOTE = WEIGHTS_LICENCE
 
 
 def kontext_model_input() -> io.Model.Input:

@@ -19,6 +19,11 @@ from safetensors.torch import save_file
 from .files import write_whole
 from .settings import BasisSettings
 
+#: what users must be told wherever they meet the released weights (a basis fine-tuned from them inherits it)
+WEIGHTS_LICENCE = (
+    "The released LoRWeB basis (hilamanor/lorweb) is under NVIDIA's non-commercial licence: "
+    "research and non-commercial use only."
+)
 MODULE_PREFIX = "transformer."
 #: the tensor name's suffix -> the field of :class:`lorweb_ops.basis.ModuleBasis`
 PARTS = {"lora_A": "lora_A", "lora_B": "lora_B", "lora_keys": "lora_keys", "att_lora_to_q.weight": "to_q"}

@@ -9,6 +9,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
+#: the most a strength may scale a LoRA by, either way: far past any useful value, short of overflow in fp16
+STRENGTH_LIMIT = 10.0
+
 
 def show(value: Any, limit: int = 60) -> str:
     """A bounded repr for messages."""

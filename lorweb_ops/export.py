@@ -22,14 +22,14 @@ import torch
 from safetensors.torch import save_file
 
 from .basis import LoraBasis
+from .basis_format import WEIGHTS_LICENCE
 from .checks import is_number_in, show
 from .errors import LoRWeBError
 from .mixing import MixWeights, check_weights_fit, lowrank_factors
 
 EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LICENCE = (
-    "The released LoRWeB basis (hilamanor/lorweb) is under NVIDIA's non-commercial licence (research and "
-    "non-commercial use only); a LoRA composed from it is a derivative of it and carries the same licence. "
+    f"{WEIGHTS_LICENCE} A LoRA composed from it is a derivative of it and carries the same licence. "
     "FLUX.1 Kontext [dev] has its own non-commercial licence."
 )
 

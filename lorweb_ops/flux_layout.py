@@ -43,6 +43,8 @@ _BLOCKS = {
     "transformer_blocks": ("double_blocks", DOUBLE_BLOCK_LAYERS),
     "single_transformer_blocks": ("single_blocks", SINGLE_BLOCK_LAYERS),
 }
+#: where ComfyUI's model keeps the diffusion model's weights in its state dict
+MODEL_PREFIX = "diffusion_model."
 #: the BFL model's lists of blocks (``model.double_blocks``, ``model.single_blocks``)
 BFL_BLOCK_LISTS = tuple(bfl_block for bfl_block, _ in _BLOCKS.values())
 _MODULE_NAME = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$")
@@ -64,7 +66,7 @@ class FluxTarget:
     @property
     def model_key(self) -> str:
         """The ComfyUI state-dict key of the weight."""
-        return f"diffusion_model.{self.bfl_layer}.weight"
+        return f"{MODEL_PREFIX}{self.bfl_layer}.weight"
 
 
 def is_flux_module(name: str) -> bool:

@@ -15,12 +15,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..checks import is_number_in, show
+from ..checks import STRENGTH_LIMIT, is_number_in, show
 from ..errors import LoRWeBError
 
 #: bounds on what a client may ask for: steps, LoRAs, tau, intervals; strengths; a typed strength list
 MAX_COUNT = 100_000
-STRENGTH_BOUND = 10.0
 MAX_STRENGTH_LIST_CHARS = 100_000
 
 METHODS = ("merge", "switch", "composite", "cmlora")
@@ -216,9 +215,9 @@ def strength_schedule(steps: int, start: float, end: float, values: Sequence[flo
     """Strength per step: ``values`` spread evenly over the steps (linear in between), else start -> end linearly."""
     _check_positive(steps=steps)
     points = list(values) if values else [start, end]
-    if not all(is_number_in(v, -STRENGTH_BOUND, STRENGTH_BOUND) for v in points):
-        bad = next(v for v in points if not is_number_in(v, -STRENGTH_BOUND, STRENGTH_BOUND))
-        raise LoRWeBError(f"strengths must be numbers from -{STRENGTH_BOUND:g} to {STRENGTH_BOUND:g}, got {show(bad)}.")
+    if not all(is_number_in(v, -STRENGTH_LIMIT, STRENGTH_LIMIT) for v in points):
+        bad = next(v for v in points if not is_number_in(v, -STRENGTH_LIMIT, STRENGTH_LIMIT))
+        raise LoRWeBError(f"strengths must be numbers from -{STRENGTH_LIMIT:g} to {STRENGTH_LIMIT:g}, got {show(bad)}.")
     points = [float(v) for v in points]
     if len(points) == 1 or steps == 1:
         return [points[0]] * steps
