@@ -35,7 +35,7 @@ from lorweb_ops.compose import (
     strength_schedule,
 )
 from lorweb_ops.flux_layout import MODEL_PREFIX
-from lorweb_ops.lowrank import LowRankTerm, lowrank_output
+from lorweb_ops.lowrank import LowRankTerm, add_row_slices, lowrank_output, weight_fits
 
 from .patching import check_model_fits, comfy_patches
 
@@ -111,12 +111,8 @@ def _check_terms(model, entry: SetEntry, terms: list[LowRankTerm]) -> None:
         weight = getattr(module, "weight", None)
         shape = tuple(getattr(weight, "tensor_shape", getattr(weight, "shape", ())))
         rows = term.row_count if term.row_count is not None else term.up.shape[0]
-        if (
-            len(shape) != 2
-            or shape[1] != term.down.shape[1]
-            or term.up.shape[0] != rows
-            or term.row_start + rows > shape[0]
-        ):
+        sliced = term.row_count is not None
+        if term.up.shape[0] != rows or not weight_fits(shape, term.down.shape[1], term.row_start, rows, sliced=sliced):
             raise LoRWeBError(
                 f"The LoRA {entry.name} does not fit {term.module}: the layer is {list(shape)}, the LoRA needs "
                 f"rows {term.row_start}..{term.row_start + rows} x {term.down.shape[1]} columns."
@@ -248,13 +244,10 @@ class ComposeRuntime:
     def _hook(self, active: list[tuple[float, LowRankTerm]]):
         def hook(module, args, output):
             x = args[0]
-            for strength, term in active:
-                delta = lowrank_output(self._on_device(term, x), x, strength)
-                if term.row_count is None:
-                    output = output + delta
-                else:  # a slice of a fused layer (q/k/v of qkv, linear1): F.linear's output is a fresh tensor
-                    output[..., term.row_start : term.row_start + term.row_count] += delta
-            return output
+            deltas = [
+                (term.row_start, lowrank_output(self._on_device(term, x), x, strength)) for strength, term in active
+            ]
+            return add_row_slices(output, deltas)
 
         return hook
 

@@ -10,6 +10,7 @@ from comfy.weight_adapter import LoRAAdapter
 
 from lorweb_ops import LoRWeBError, ModulePatch
 from lorweb_ops.flux_layout import BFL_BLOCK_LISTS
+from lorweb_ops.lowrank import weight_fits
 
 
 def _weight_shapes(model, keys: set[str]) -> dict[str, tuple[int, ...]]:
@@ -66,10 +67,8 @@ def _misfit(patch: ModulePatch, shapes: dict[str, tuple[int, ...]]) -> str | Non
     shape = shapes.get(target.model_key)
     if shape is None:
         return f"{target.bfl_layer} is missing from the model"
-    rows, columns = shape[0], shape[1] if len(shape) > 1 else 1
     expected_rows = target.row_start + target.row_count
-    rows_fit = rows >= expected_rows if target.fused else rows == expected_rows
-    if len(shape) != 2 or columns != patch.down.shape[1] or not rows_fit:
+    if not weight_fits(shape, patch.down.shape[1], target.row_start, target.row_count, sliced=target.fused):
         return (
             f"{target.bfl_layer} is {list(shape)} but {target.module} needs rows "
             f"{target.row_start}..{expected_rows} x {patch.down.shape[1]} columns"

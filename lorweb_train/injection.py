@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lorweb_ops.errors import LoRWeBError
 from lorweb_ops.flux_layout import BFL_BLOCK_LISTS, flux_target, module_shapes_in
+from lorweb_ops.lowrank import add_row_slices, weight_fits
 
 from .basis_module import TrainableBasis
 
@@ -95,9 +96,8 @@ class BasisInjector:
             out_features = layer.lora_B.shape[2]
             target = flux_target(module, in_features, out_features)
             linear = linears.get(target.bfl_layer)
-            fits = linear is not None and linear.in_features == in_features
-            fits = fits and target.row_start + target.row_count <= linear.out_features
-            if not fits:
+            shape = (linear.out_features, linear.in_features) if linear is not None else ()
+            if not weight_fits(shape, in_features, target.row_start, target.row_count, sliced=target.fused):
                 found = "missing" if linear is None else f"[{linear.out_features}, {linear.in_features}]"
                 raise LoRWeBError(
                     f"the basis module {module} ({in_features} -> {out_features}) does not fit the model's "
@@ -133,18 +133,13 @@ class BasisInjector:
         if self._coefficients is None:
             return output  # no mix set: the plain base model
         x = inputs[0]
-        pieces, position = [], 0
+        deltas = []
         for slot in slots:
-            if slot.row_start > position:
-                pieces.append(output.new_zeros(*output.shape[:-1], slot.row_start - position))
             layer = self.basis.layer(slot.module)
             coefficients = self._coefficients[slot.module]
             coefficients = coefficients * self._sign.to(coefficients.device).reshape(-1, 1)
-            pieces.append(mixed_lora_output(x, layer.lora_A, layer.lora_B, coefficients).to(output.dtype))
-            position = slot.row_start + slot.row_count
-        if position < output.shape[-1]:
-            pieces.append(output.new_zeros(*output.shape[:-1], output.shape[-1] - position))
-        return output + torch.cat(pieces, dim=-1)
+            deltas.append((slot.row_start, mixed_lora_output(x, layer.lora_A, layer.lora_B, coefficients)))
+        return add_row_slices(output, deltas)
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> list[nn.Module]:

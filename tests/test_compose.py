@@ -34,7 +34,6 @@ from lorweb_ops.compose import (
     strength_schedule,
     switch_schedule,
 )
-from lorweb_ops.lowrank import LowRankTerm, lowrank_output
 
 CACHE_OF_INTERVAL = {0: "non-uniform", 1: "off", 2: "uniform", 3: "uniform", 5: "uniform"}
 
@@ -253,14 +252,6 @@ def test_strength_schedules():
     assert strength_schedule(3, 9.0, 9.0, [0.5]) == [0.5, 0.5, 0.5]
     assert strength_schedule(5, 0, 0, [1.0, 0.0, 1.0]) == pytest.approx([1.0, 0.5, 0.0, 0.5, 1.0])
     assert parse_strengths(" 1, 0.5;0.25 ") == [1.0, 0.5, 0.25] and parse_strengths("") == []
-
-
-def test_lowrank_output_equals_the_dense_delta():
-    generator = torch.Generator().manual_seed(0)
-    up, down, x = torch.randn(12, 3, generator=generator), torch.randn(3, 5, generator=generator), torch.randn(2, 7, 5)
-    term = LowRankTerm("m", up, down, scale=0.5)
-    expected = x.double() @ (0.8 * 0.5 * up.double() @ down.double()).T
-    torch.testing.assert_close(lowrank_output(term, x, 0.8).double(), expected, rtol=1e-5, atol=1e-6)
 
 
 # -------------------------------------------------------------------------------------------------- the score
