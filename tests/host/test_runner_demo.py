@@ -29,6 +29,8 @@ from runner_prompt import save_outputs  # noqa: E402
 RUNNER = REPO_ROOT / "scripts" / "run_analogy.py"
 WORKFLOW = REPO_ROOT / "example_workflows" / "lorweb_analogy_flux_kontext.json"
 TEMPLATES = sorted((REPO_ROOT / "example_workflows").glob("*.json"))
+#: the templates as the 0.2 release shipped them, before lorweb_ops/nodes moved: saved workflows must keep running
+SAVED_BEFORE_THE_MOVE = sorted((REPO_ROOT / "tests" / "data" / "saved_before_the_move").glob("*.json"))
 DEMO_TILE = 64  # the demo's a, a′, b are 64 x 64: the Kontext grid is 128 x 128
 TIMEOUT_SECONDS = 1200
 # One thread in every process, as torchrun sets it: CPU sums then add up in the same order in one process and in two.
@@ -210,7 +212,7 @@ def _varied(path: Path) -> np.ndarray:
     return pixels
 
 
-@pytest.mark.parametrize("template", TEMPLATES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("template", TEMPLATES + SAVED_BEFORE_THE_MOVE, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_every_template_runs_as_shipped_on_the_demo_weights(tmp_path, demo_cache, template):
     """Each template's own model and image names resolve to the demo files; each Save node writes its file."""
     out = tmp_path / "out"
