@@ -29,7 +29,7 @@ from runner_prompt import save_outputs  # noqa: E402
 RUNNER = REPO_ROOT / "scripts" / "run_analogy.py"
 WORKFLOW = REPO_ROOT / "example_workflows" / "lorweb_analogy_flux_kontext.json"
 TEMPLATES = sorted((REPO_ROOT / "example_workflows").glob("*.json"))
-#: the templates as the 0.2 release shipped them, before lorweb_ops/nodes moved: saved workflows must keep running
+#: the templates as main shipped them before the glue moved from nodes/ (44bfcdf): saved workflows must keep running
 SAVED_BEFORE_THE_MOVE = sorted((REPO_ROOT / "tests" / "data" / "saved_before_the_move").glob("*.json"))
 DEMO_TILE = 64  # the demo's a, a′, b are 64 x 64: the Kontext grid is 128 x 128
 TIMEOUT_SECONDS = 1200
