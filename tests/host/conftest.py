@@ -40,7 +40,7 @@ def pytest_collection_modifyitems(config, items):
     if not COMFYUI_ROOT:
         skip = pytest.mark.skip(
             reason="COMFYUI_ROOT is not set: host tests need a real ComfyUI checkout "
-            "(set COMFYUI_ROOT and COMFYUI_PYTHON, see README 'Tests')"
+            "(set COMFYUI_ROOT and COMFYUI_PYTHON, see docs/developers.md, 'Tests')"
         )
         for item in host_items:
             item.add_marker(skip)
