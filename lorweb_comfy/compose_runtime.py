@@ -63,9 +63,24 @@ def merge_patches(model, entry: SetEntry) -> dict:
     return matched
 
 
+def analogy_terms(model, entry: SetEntry) -> list[LowRankTerm]:
+    """An analogy's composed patches as terms, straight from the library (no round trip through ComfyUI's adapter)."""
+    patches = composed_patches(entry.basis, entry.weights.coefficients)
+    check_model_fits(model, patches, entry.basis.path)
+    return [
+        LowRankTerm(
+            p.target.bfl_layer, p.up, p.down, 1.0, p.target.row_start, p.target.row_count if p.target.fused else None
+        )
+        for p in patches
+    ]
+
+
 def lowrank_terms(model, entry: SetEntry) -> list[LowRankTerm]:
     """The entry as terms on the activations; refuses what cannot be expressed there, saying what to use."""
+    if entry.kind == "analogy":
+        return analogy_terms(model, entry)
     terms = []
+    # a LoRA file as ComfyUI's own loader reads it; its LoRAAdapter holds (up, down, alpha, mid, dora, reshape)
     for spec, value in merge_patches(model, entry).items():
         key, offset, function = _split_spec(spec)
         if not isinstance(value, LoRAAdapter):

@@ -270,10 +270,10 @@ def test_weights_over_16_kib_get_comfyuis_lowvram_patch_of_the_basis_delta(host,
         return  # absence asserted by the fixture (ComfyUI < 0.33)
     import comfy.model_management
     import comfy.model_patcher
-    from lorweb_ops.flux_layout import released_module_names
     from lorweb_testing import random_basis_tensors, write_safetensors
 
     import lorweb_ops
+    from lorweb_ops.flux_layout import released_module_names
 
     support = host.support()
     flux = str(tmp_path / "flux_hidden_64.safetensors")
