@@ -6,6 +6,10 @@ process (``node_definition``). The widget rule is the frontend's: a node's ``wid
 input that is not socket-only (required inputs, then optional ones, in ``input_order``), plus one frontend-only
 value after an input with ``control_after_generate`` (e.g. KSampler's seed: "randomize") and after a combo with an
 ``*_upload`` option (LoadImage: "image", the upload button).
+
+Subgraph nodes (a node whose type is the id of one of ``definitions.subgraphs``, as the editor saves a blueprint) are
+expanded into their inner nodes first, as the editor does when it queues a prompt: an inner node's id is
+``"<subgraph node id>:<inner id>"`` and a value typed into the subgraph node's widget goes to the inner input it feeds.
 """
 
 from __future__ import annotations
@@ -99,19 +103,26 @@ def load_workflow(path: str | Path) -> dict:
     return workflow
 
 
+def node_order(node_id: object) -> tuple[int, ...]:
+    """Sort key of a node id: 7 before 12, and an inner node ``"12:3"`` right after its subgraph node's place."""
+    return tuple(int(part) for part in str(node_id).split(":"))
+
+
 class _Graph:
-    """Index of a UI workflow: nodes by id and links by id (links as [id, from, from_slot, to, to_slot, type])."""
+    """Index of a flat UI workflow: nodes by id (``"12"``, or ``"12:3"`` inside a subgraph) and links by id (links
+    as [id, from, from_slot, to, to_slot, type])."""
 
     def __init__(self, workflow: Mapping):
-        self.nodes = {int(node["id"]): node for node in workflow["nodes"]}
+        workflow = expand_subgraphs(workflow)
+        self.nodes = {str(node["id"]): node for node in workflow["nodes"]}
         self.links = {int(link[0]): link for link in workflow["links"]}
 
-    def source(self, link_id: int | None, seen: frozenset = frozenset()) -> tuple[int, int] | None:
+    def source(self, link_id: int | None, seen: frozenset = frozenset()) -> tuple[str, int] | None:
         """The (node, slot) that really feeds a link, looking through reroutes and bypassed nodes."""
         if link_id is None or link_id not in self.links or link_id in seen:
             return None
         _, origin, slot, _, _, link_type = self.links[link_id][:6]
-        node = self.nodes.get(int(origin))
+        node = self.nodes.get(str(origin))
         if node is None or node.get("mode", MODE_ALWAYS) == MODE_NEVER:
             return None
         if node["type"] == "Reroute":
@@ -119,7 +130,7 @@ class _Graph:
             return self.source(inputs[0].get("link"), seen | {link_id}) if inputs else None
         if node.get("mode", MODE_ALWAYS) == MODE_BYPASS:
             return self.source(_bypass_input(node, int(slot), link_type), seen | {link_id})
-        return int(origin), int(slot)
+        return str(origin), int(slot)
 
 
 def _bypass_input(node: Mapping, slot: int, link_type: str) -> int | None:
@@ -136,7 +147,7 @@ def ui_to_api(workflow: Mapping, definitions: Mapping[str, Mapping]) -> dict[str
     """An API-format prompt ``{id: {"class_type", "inputs"}}`` from a UI workflow and the node definitions."""
     graph = _Graph(workflow)
     prompt = {}
-    for node_id, node in sorted(graph.nodes.items()):
+    for node_id, node in sorted(graph.nodes.items(), key=lambda item: node_order(item[0])):
         if node["type"] in FRONTEND_ONLY_TYPES or node.get("mode", MODE_ALWAYS) in (MODE_NEVER, MODE_BYPASS):
             continue
         if node["type"] not in definitions:
@@ -160,8 +171,178 @@ def _api_inputs(node: Mapping, definition: Mapping, graph: _Graph) -> dict[str, 
             f"definition needs {len(slots)} ({[s.name for s in slots]})"
         )
     inputs = {slot.name: value for slot, value in zip(slots, values, strict=True) if slot.role == "value"}
+    inputs.update(node.get(SUBGRAPH_VALUES) or {})  # typed into the subgraph node that holds this node
     for socket in node.get("inputs") or []:  # links win over widget values (a widget converted to an input)
         source = graph.source(socket.get("link"))
         if source is not None:
             inputs[socket["name"]] = [str(source[0]), source[1]]
     return inputs
+
+
+# ------------------------------------------------------------------------------------------------ subgraphs
+
+SUBGRAPH_INPUT_NODE, SUBGRAPH_OUTPUT_NODE = -10, -20
+#: key of an expanded inner node: the values its inputs take from the subgraph node's widgets
+SUBGRAPH_VALUES = "subgraph_values"
+#: a proxyWidgets entry whose node is "-1" is a widget of the subgraph node's own input of that name
+OWN_INPUT = "-1"
+
+
+def subgraph_definitions(workflow: Mapping) -> dict[str, Mapping]:
+    """The subgraphs a workflow defines (``definitions.subgraphs``), by id: the type of the nodes that use them."""
+    return {sg["id"]: sg for sg in ((workflow.get("definitions") or {}).get("subgraphs") or [])}
+
+
+def expand_subgraphs(workflow: Mapping) -> Mapping:
+    """The workflow with every subgraph node replaced by its inner nodes (nested ones too), as one flat graph.
+
+    Inner node ids are ``"<subgraph node id>:<inner id>"`` (the editor's ids in the prompt it queues); links are
+    renumbered. An inner input fed by a subgraph input takes what feeds that input of the subgraph node: its link,
+    else the value of its widget (recorded under ``SUBGRAPH_VALUES``), else the inner node's own widget value. A
+    muted or bypassed subgraph node mutes or bypasses its inner nodes. A workflow without subgraph nodes comes back
+    as it is.
+    """
+    definitions = subgraph_definitions(workflow)
+    if not any(node["type"] in definitions for node in workflow["nodes"]):
+        return workflow
+    flat = _Flattener(definitions)
+    flat.level(_Level(workflow["nodes"], [_link_fields(link) for link in workflow["links"]], "", {}, None))
+    outputs = {(str(node["id"]), slot): output for node in flat.nodes for slot, output in enumerate(node["outputs"])}
+    for link in flat.links:
+        if (output := outputs.get((str(link[1]), link[2]))) is not None:
+            output["links"].append(link[0])
+    return {**workflow, "nodes": flat.nodes, "links": flat.links, "definitions": {}}
+
+
+def _link_fields(link) -> tuple:
+    """(id, origin, origin slot, target, target slot, type) of a link saved as a list or as an object."""
+    if isinstance(link, Mapping):
+        return tuple(link[key] for key in ("id", "origin_id", "origin_slot", "target_id", "target_slot", "type"))
+    return tuple(link[:6])
+
+
+@dataclass
+class _Level:
+    """One graph being flattened: the top level, or the inside of one subgraph node."""
+
+    nodes: list
+    links: list
+    prefix: str  # "" at the top, "12:" inside subgraph node 12
+    inputs: dict  # subgraph input slot -> ("link", (node, slot)) or ("value", value); absent: nothing feeds it
+    mode: int | None  # the subgraph node's mode when it is muted or bypassed
+    input_node: int = SUBGRAPH_INPUT_NODE  # the ids of a subgraph's input and output nodes
+    output_node: int = SUBGRAPH_OUTPUT_NODE
+
+
+class _Flattener:
+    def __init__(self, definitions: Mapping[str, Mapping]):
+        self.definitions = definitions
+        self.nodes: list[dict] = []
+        self.links: list[list] = []
+
+    def level(self, level: _Level) -> dict[int, tuple]:
+        """Flatten one graph; what feeds each of its subgraph outputs (by slot)."""
+        links = {int(link[0]): link for link in level.links}
+        expanded: dict[Any, dict[int, tuple]] = {}  # subgraph node id -> its outputs' feeds
+        by_id = {node["id"]: node for node in level.nodes}
+
+        def feed(link_id) -> tuple | None:
+            """What feeds a link of this level: ("link", (flat node id, slot)) or ("value", value) or None."""
+            if link_id is None or int(link_id) not in links:
+                return None
+            _, origin, slot, _, _, _ = links[int(link_id)]
+            if level.prefix and origin == level.input_node:
+                return level.inputs.get(int(slot))
+            node = by_id.get(origin)
+            if node is None:
+                return None
+            if node["type"] in self.definitions:
+                if origin not in expanded:
+                    expanded[origin] = self.subgraph_node(node, level, feed)
+                return expanded[origin].get(int(slot))
+            return "link", (f"{level.prefix}{origin}", int(slot))
+
+        for node in level.nodes:
+            if node["type"] in self.definitions:
+                if node["id"] not in expanded:
+                    expanded[node["id"]] = self.subgraph_node(node, level, feed)
+                continue
+            self.plain_node(node, level, feed)
+        outputs = {}
+        for link in level.links:
+            if level.prefix and link[3] == level.output_node and (fed := feed(link[0])) is not None:
+                outputs[int(link[4])] = fed
+        return outputs
+
+    def plain_node(self, node: Mapping, level: _Level, feed) -> None:
+        flat = {**node, "id": f"{level.prefix}{node['id']}" if level.prefix else node["id"]}
+        if level.mode not in (None, MODE_ALWAYS) and flat.get("mode", MODE_ALWAYS) == MODE_ALWAYS:
+            flat["mode"] = level.mode
+        values = dict(node.get(SUBGRAPH_VALUES) or {})
+        flat_inputs = []
+        for slot, socket in enumerate(node.get("inputs") or []):
+            socket = dict(socket)
+            fed = feed(socket.get("link"))
+            socket["link"] = None
+            if fed is not None and fed[0] == "link":
+                socket["link"] = self.link(fed[1], flat["id"], slot, socket.get("type"))
+            elif fed is not None:
+                values[socket["name"]] = fed[1]
+            flat_inputs.append(socket)
+        flat["inputs"] = flat_inputs
+        flat["outputs"] = [{**output, "links": []} for output in node.get("outputs") or []]
+        if values:
+            flat[SUBGRAPH_VALUES] = values
+        self.nodes.append(flat)
+
+    def subgraph_node(self, node: Mapping, level: _Level, feed) -> dict[int, tuple]:
+        definition = self.definitions[node["type"]]
+        widget_values = _subgraph_widget_values(node)
+        inputs = {}
+        for slot, spec in enumerate(definition.get("inputs") or []):
+            socket = next((s for s in node.get("inputs") or [] if s.get("name") == spec.get("name")), None)
+            fed = feed(socket.get("link")) if socket is not None else None
+            if fed is None and spec.get("name") in widget_values:
+                fed = "value", widget_values[spec["name"]]
+            if fed is not None:
+                inputs[slot] = fed
+        mode = node.get("mode", MODE_ALWAYS)
+        inner = _Level(
+            definition.get("nodes") or [],
+            [_link_fields(link) for link in definition.get("links") or []],
+            f"{level.prefix}{node['id']}:",
+            inputs,
+            mode if mode != MODE_ALWAYS else level.mode,
+            (definition.get("inputNode") or {}).get("id", SUBGRAPH_INPUT_NODE),
+            (definition.get("outputNode") or {}).get("id", SUBGRAPH_OUTPUT_NODE),
+        )
+        return self.level(inner)
+
+    def link(self, origin: tuple[str, int], target, target_slot: int, link_type) -> int:
+        link_id = len(self.links) + 1
+        self.links.append([link_id, origin[0], origin[1], target, target_slot, link_type])
+        return link_id
+
+
+def _subgraph_widget_values(node: Mapping) -> dict[str, Any]:
+    """The values typed into a subgraph node's own widgets, by input name.
+
+    Editors that save ``properties.proxyWidgets`` pair ``widgets_values`` with its entries (``["-1", name]``: the
+    widget of the node's input ``name``; other entries show an inner node's widget, whose value stays inside);
+    older ones save one value per input that has a widget, in input order."""
+    values = node.get("widgets_values")
+    if not isinstance(values, list) or not values:
+        return {}
+    proxies = (node.get("properties") or {}).get("proxyWidgets")
+    if isinstance(proxies, str):
+        proxies = json.loads(proxies)
+    if isinstance(proxies, list):
+        pairs = [
+            (entry[1], value)
+            for entry, value in zip(proxies, values, strict=False)
+            if isinstance(entry, list) and len(entry) >= 2 and str(entry[0]) == OWN_INPUT
+        ]
+    else:
+        widgets = [s["name"] for s in node.get("inputs") or [] if "widget" in s]
+        pairs = list(zip(widgets, values, strict=False))
+    return {name: value for name, value in pairs if value is not None}

@@ -15,7 +15,17 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from lorweb_workflow import FRONTEND_ONLY_TYPES, MODE_ALWAYS, MODE_BYPASS, MODE_NEVER, _Graph, input_specs, ui_to_api
+from lorweb_workflow import (
+    FRONTEND_ONLY_TYPES,
+    MODE_ALWAYS,
+    MODE_BYPASS,
+    MODE_NEVER,
+    _Graph,
+    expand_subgraphs,
+    input_specs,
+    node_order,
+    ui_to_api,
+)
 
 CHART_NODE, GRID_NODE = "lorweb_chart", "lorweb_grid"
 B_PRIME_PREFIX = "lorweb_b_prime"
@@ -219,7 +229,8 @@ def titles(workflow: Mapping) -> dict[str, str]:
 
 def build_prompt(workflow: dict, definitions, settings: RunSettings) -> dict:
     """The API prompt of the workflow with the settings applied (each node's title in ``_meta``, as the editor
-    sends it)."""
+    sends it). Subgraph nodes are expanded first: the options reach the nodes inside them."""
+    workflow = dict(expand_subgraphs(workflow))
     if settings.bypass_kontext_scale:
         for node in workflow["nodes"]:
             if node["type"] == "FluxKontextImageScale":
@@ -343,7 +354,7 @@ def save_outputs(workflow: Mapping) -> tuple[SaveOutput, ...]:
     graph = _Graph(workflow)
     saves = [
         node
-        for node_id, node in sorted(graph.nodes.items())
+        for node_id, node in sorted(graph.nodes.items(), key=lambda item: node_order(item[0]))
         if node["type"] in (SAVE_IMAGE, SAVE_LORA)
         and node.get("mode", MODE_ALWAYS) not in (MODE_NEVER, MODE_BYPASS)
         and node["type"] not in FRONTEND_ONLY_TYPES

@@ -13,10 +13,13 @@ from workflow_testing import (
     FORWARD,
     FRONTEND_ONLY_TYPES,
     MODEL_FILES,
+    ONE_NODE,
     REVERSE,
     WORKFLOWS,
     WORKFLOWS_DIR,
+    all_nodes,
     load_example,
+    subgraph_definitions,
     ui_to_api,
     widget_slots,
 )
@@ -54,7 +57,7 @@ DEFINITIONS = {"KSampler": KSAMPLER, "LoadImage": LOAD_IMAGE, "Grid": GRID, "Sca
 
 
 def test_every_workflow_has_a_jpg_thumbnail():
-    assert set(WORKFLOWS) == {FORWARD, REVERSE, COMPOSE_TWO, COMPOSE_LORA}
+    assert set(WORKFLOWS) == {FORWARD, REVERSE, COMPOSE_TWO, COMPOSE_LORA, ONE_NODE}
     for name in WORKFLOWS:
         path = WORKFLOWS_DIR / f"{name}.jpg"
         thumbnail = Image.open(path)
@@ -69,9 +72,12 @@ def test_ui_format_and_links_are_consistent(name):
     links = {link[0]: link for link in workflow["links"]}
     assert len(nodes) == len(workflow["nodes"]) and len(links) == len(workflow["links"])
     assert workflow["last_node_id"] >= max(nodes) and workflow["last_link_id"] >= max(links)
-    for node in workflow["nodes"]:
+    subgraphs = subgraph_definitions(workflow)
+    for node in all_nodes(workflow):
         assert NODE_KEYS <= set(node), node["id"]
-        if node["type"] not in FRONTEND_ONLY_TYPES:
+        if node["type"] in subgraphs:  # a subgraph node, as the editor saves one: no S&R name
+            assert {"cnr_id", "ver", "proxyWidgets"} <= set(node["properties"]), node["id"]
+        elif node["type"] not in FRONTEND_ONLY_TYPES:
             assert {"Node name for S&R", "cnr_id", "ver"} <= set(node["properties"]), node["type"]
     for link_id, source, source_slot, target, target_slot, link_type in links.values():
         assert link_id in (nodes[source]["outputs"][source_slot]["links"] or [])
@@ -160,3 +166,31 @@ def test_ui_to_api_refuses_a_widget_count_that_does_not_fit():
         ui_to_api(workflow, DEFINITIONS)
     with pytest.raises(KeyError, match="does not know"):
         ui_to_api({"nodes": [_node(1, "Unknown")], "links": []}, DEFINITIONS)
+
+
+def _inside(rect, bounding) -> bool:
+    x, y, width, height = bounding
+    return x <= rect[0] and rect[2] <= x + width and y <= rect[1] and rect[3] <= y + height
+
+
+def _groups_and_nodes(workflow: dict):
+    yield "", workflow.get("groups") or [], workflow["nodes"]
+    for subgraph in subgraph_definitions(workflow).values():
+        yield f"{subgraph['name']}: ", subgraph.get("groups") or [], subgraph.get("nodes") or []
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_every_node_lies_inside_the_group_that_holds_its_centre(name):
+    """A node whose centre is in a group lies wholly inside it (the smallest such group): the editor moves a
+    group's nodes with it, and a node over a group's edge looks as if it belonged to the group beside it."""
+    for where, groups, nodes in _groups_and_nodes(load_example(name)):
+        for node in nodes:
+            (x, y), (width, height) = node["pos"], node["size"]
+            rect = (x, y, x + width, y + height)
+            centre = (x + width / 2, y + height / 2, x + width / 2, y + height / 2)
+            holding = [group for group in groups if _inside(centre, group["bounding"])]
+            if holding:
+                group = min(holding, key=lambda g: g["bounding"][2] * g["bounding"][3])
+                assert _inside(rect, group["bounding"]), f"{where}node {node['id']} ({node['type']}) {rect} " + (
+                    f"crosses the edge of group {group['title']!r} {group['bounding']}"
+                )

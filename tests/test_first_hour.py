@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tomllib
 from PIL import Image
-from workflow_testing import INPUT_IMAGES, MODEL_FILES, ROOT, WORKFLOWS, load_example
+from workflow_testing import INPUT_IMAGES, MODEL_FILES, ROOT, WORKFLOWS, all_nodes, load_example
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import example_inputs  # noqa: E402
@@ -26,9 +26,9 @@ ALLOWED_SUFFIXES = (".safetensors", ".sft")
 
 
 def _model_entries(workflow: dict) -> dict[str, dict]:
-    """file name -> the ``properties.models`` entry of the node whose widget selects it."""
+    """file name -> the ``properties.models`` entry of the node whose widget selects it (inside subgraphs too)."""
     entries = {}
-    for node in workflow["nodes"]:
+    for node in all_nodes(workflow):
         values = {value for value in node.get("widgets_values") or [] if isinstance(value, str)}
         for entry in node.get("properties", {}).get("models", []):
             assert entry["name"] in values, f"{node['type']}: {entry['name']} is not the selected file"
@@ -51,7 +51,7 @@ def test_every_model_file_has_a_download_the_front_end_accepts(name):
 
 def test_every_template_uses_the_same_sources():
     first, *others = (_model_entries(load_example(name)) for name in WORKFLOWS)
-    assert len(others) == 3 and all(entries == first for entries in others)
+    assert len(others) == len(WORKFLOWS) - 1 == 4 and all(entries == first for entries in others)
 
 
 @pytest.mark.parametrize("name", WORKFLOWS)

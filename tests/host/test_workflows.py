@@ -1,10 +1,14 @@
 """The example workflows in a running ComfyUI server (``main.py --cpu`` on loopback): listed as templates of the
-pack, served, and every node, socket, link and widget value valid for that ComfyUI's ``/object_info``."""
+pack, served, and every node, socket, link and widget value valid for that ComfyUI's ``/object_info`` (the nodes
+inside subgraphs too). The pack's blueprint (subgraphs/) is listed by /global_subgraphs from ComfyUI 0.8.0 on; 0.3.64
+has no such route."""
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -12,6 +16,7 @@ import pytest
 from comfy_host import PACK_LINK_NAME, REPO_ROOT, comfyui_version
 from comfy_server import get_json, make_base, post_json, running_server
 from workflow_testing import (
+    BLUEPRINT,
     CONTROL_VALUES,
     FRONTEND_ONLY_TYPES,
     INPUT_IMAGES,
@@ -19,13 +24,27 @@ from workflow_testing import (
     MODEL_FILES,
     REVERSE,
     WORKFLOWS,
+    all_nodes,
     input_specs,
+    subgraph_definitions,
     ui_to_api,
     widget_slots,
 )
 from workflow_testing import load_example as load
 
 FILE_SUFFIXES = (".safetensors", ".gguf", ".sft", ".ckpt", ".yaml", ".png", ".jpg", ".jpeg", ".webp")
+#: the templates, and the blueprint (a workflow of one subgraph node)
+GRAPHS = [*WORKFLOWS, "blueprint"]
+
+
+def _graph(name: str) -> dict:
+    return json.loads(BLUEPRINT.read_text(encoding="utf-8")) if name == "blueprint" else load(name)
+
+
+def _runnable_nodes(workflow: dict) -> list[dict]:
+    """The nodes the server runs: those of the graph and of its subgraphs, without the subgraph nodes themselves."""
+    subgraphs = subgraph_definitions(workflow)
+    return [node for node in all_nodes(workflow) if node["type"] not in subgraphs]
 
 
 def _get_bytes(url: str) -> tuple[bytes, str]:
@@ -64,10 +83,10 @@ def test_templates_are_listed_and_served_under_the_pack_folder(server):
         assert body[:3] == b"\xff\xd8\xff" and content_type == "image/jpeg"
 
 
-@pytest.mark.parametrize("name", WORKFLOWS)
+@pytest.mark.parametrize("name", GRAPHS)
 def test_nodes_and_sockets_match_object_info(server, name):
     _, info = server
-    for node in load(name)["nodes"]:
+    for node in _runnable_nodes(_graph(name)):
         if node["type"] in FRONTEND_ONLY_TYPES:
             continue
         assert node["type"] in info, f"{node['type']} is not a node of this ComfyUI"
@@ -105,10 +124,10 @@ def _editor_inputs(definition: dict) -> list[tuple[str, str, bool]]:
     return sockets + widgets
 
 
-@pytest.mark.parametrize("name", WORKFLOWS)
+@pytest.mark.parametrize("name", GRAPHS)
 def test_widget_values_fit_object_info(server, name):
     _, info = server
-    for node in load(name)["nodes"]:
+    for node in _runnable_nodes(_graph(name)):
         if node["type"] in FRONTEND_ONLY_TYPES:
             assert all(isinstance(value, str) for value in node["widgets_values"])
             continue
@@ -186,3 +205,28 @@ def test_the_converted_prompt_passes_the_servers_validation(server, name):
         # the placeholders cannot load; stop the queued run instead of letting it fail slowly
         post_json(url + "/queue", {"clear": True})
         post_json(url + "/interrupt", {})
+
+
+def test_the_blueprint_is_listed_from_0_8_0_on(server):
+    """ComfyUI 0.8.0 and later list ``custom_nodes/<pack>/subgraphs/*.json`` at /global_subgraphs (the node
+    library's blueprints) and serve each by its id; 0.3.64 has no subgraph manager: the route is absent."""
+    url, _ = server
+    if comfyui_version() < (0, 8, 0):
+        with pytest.raises(urllib.error.HTTPError) as error:
+            get_json(url + "/global_subgraphs")
+        assert error.value.code == 404
+        return
+    listed = get_json(url + "/global_subgraphs")
+    ours = {
+        key: entry for key, entry in listed.items() if entry["info"]["node_pack"] == f"custom_nodes.{PACK_LINK_NAME}"
+    }
+    assert len(ours) == 1, listed
+    ((entry_id, entry),) = ours.items()
+    assert entry == {
+        "source": "custom_node",
+        "name": BLUEPRINT.stem,
+        "info": {"node_pack": f"custom_nodes.{PACK_LINK_NAME}"},
+    }
+    served = get_json(f"{url}/global_subgraphs/{entry_id}")
+    assert served["name"] == BLUEPRINT.stem and "path" not in served
+    assert json.loads(served["data"]) == json.loads(BLUEPRINT.read_text(encoding="utf-8"))
