@@ -40,7 +40,7 @@ from lorweb_ops.files import write_whole  # noqa: E402
 from lorweb_ops.flux_layout import module_shape, released_module_names  # noqa: E402
 from lorweb_ops.settings import RELEASED_SETTINGS  # noqa: E402
 
-FORMAT = 2  # bump when the files change, so old caches are rebuilt
+FORMAT = 3  # bump when the files change, so old caches are rebuilt (3: Flux q/k norms as .scale, the BFL layout)
 HIDDEN, MLP = 3072, 4 * 3072
 NUM_LORAS, RANK, KEYS_DIM, QUERY_DIM = 32, 4, 128, 3 * 768
 TILE = 64  # demo images are TILE x TILE: the Kontext grid is 2*TILE square
@@ -175,9 +175,19 @@ def flux_shapes(depth: int = 1, single_depth: int = 1) -> dict[str, torch.Size]:
     )
     known = {field.name for field in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}  # 0.3.64: fewer fields
     params = {key: value for key, value in params.items() if key in known}
-    return _meta_shapes(
+    shapes = _meta_shapes(
         lambda: comfy.ldm.flux.model.Flux(**params, dtype=torch.bfloat16, operations=comfy.ops.disable_weight_init)
     )
+    return {_bfl_file_key(key): shape for key, shape in shapes.items()}
+
+
+def _bfl_file_key(key: str) -> str:
+    """The key as a BFL Flux file stores it. Newer ComfyUI (0.33) names the q/k RMSNorm weights ``.weight`` in its
+    module and renames the files' ``.scale`` on load; a demo file must have the files' layout, which every version
+    reads (one written with ``.weight`` is not detected as Flux by 0.8.0)."""
+    if key.endswith(("query_norm.weight", "key_norm.weight")):
+        return key[: -len(".weight")] + ".scale"
+    return key
 
 
 def write_flux(path: Path) -> None:

@@ -20,6 +20,7 @@ import pytest
 from comfy_host import COMFYUI_PYTHON, COMFYUI_ROOT, REPO_ROOT
 from gguf_files import write_gguf
 from PIL import Image, ImageDraw
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
@@ -93,6 +94,12 @@ def test_demo_writes_b_prime_grid_and_chart(tmp_path, demo_cache):
     # ComfyUI's own folders are not written: images went through a private temporary folder
     for folder in ("input", "output", "temp"):
         assert not list(Path(COMFYUI_ROOT, folder).glob("lorweb_*")), folder
+    # the demo Flux has a real Kontext file's layout (BFL: q/k norms as .scale), which every ComfyUI version
+    # detects; ComfyUI 0.33's own module names them .weight, and a cache written that way broke 0.8.0
+    folder, name = FILES["unet"]
+    with safe_open(str(Path(demo_cache, folder, name)), framework="pt") as handle:
+        norms = [key for key in handle.keys() if key.rsplit(".", 1)[0].endswith(("query_norm", "key_norm"))]
+    assert norms and all(key.endswith(".scale") for key in norms), norms
 
 
 def test_two_processes_under_torchrun_write_the_files_one_process_writes(tmp_path, demo_cache, b_folder, one_process):
