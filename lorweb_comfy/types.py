@@ -1,5 +1,7 @@
 """Socket types that travel between the pack's nodes (immutable objects; ComfyUI caches and shares them)."""
 
+from __future__ import annotations
+
 from comfy_api.latest import io
 
 from lorweb_ops.basis_format import WEIGHTS_LICENCE
