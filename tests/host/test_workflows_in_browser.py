@@ -8,7 +8,7 @@ import json
 
 import pytest
 from browser import find_chromium, open_page
-from comfy_host import PACK_LINK_NAME, comfyui_version
+from comfy_host import PACK_LINK_NAME
 from comfy_server import get_json, make_base, post_json, running_server
 from workflow_testing import WORKFLOWS, load_example, ui_to_api
 
@@ -22,24 +22,20 @@ VOLATILE_KEYS = {"id", "revision", "extra"}
 
 @pytest.fixture(scope="module")
 def editor_results(tmp_path_factory):
-    """For each workflow: (the editor's save of it, the editor's API prompt), plus /object_info and page errors."""
+    """For each workflow: (the editor's save of it, the editor's API prompt), plus /object_info, page errors and the
+    front end's version."""
     base = make_base(tmp_path_factory.mktemp("editor_base"))
     with running_server(base) as url:
         post_json(url + "/settings/Comfy.TutorialCompleted", True)  # no first-run dialog over the canvas
         info = get_json(url + "/object_info")
-        saved, prompts, errors = asyncio.run(_load_in_editor(url, tmp_path_factory.mktemp("profile")))
-    return saved, prompts, info, errors
+        saved, prompts, errors, frontend = asyncio.run(_load_in_editor(url, tmp_path_factory.mktemp("profile")))
+    return saved, prompts, info, errors, frontend
 
 
-async def _load_in_editor(url: str, profile) -> tuple[dict, dict, list[str]]:
+async def _load_in_editor(url: str, profile) -> tuple[dict, dict, list[str], tuple[int, ...]]:
     saved, prompts = {}, {}
     async with open_page(CHROMIUM, profile) as page:
-        await page.send("Page.navigate", {"url": url})
-        await page.wait_for(
-            "window.app && window.app.graph && window.LiteGraph"
-            " && window.LiteGraph.registered_node_types['LoRWeB_ApplyBasis']",
-            timeout=90,
-        )
+        frontend = await page.open_comfyui(url, "LoRWeB_ApplyBasis")
         for name in WORKFLOWS:
             # fetched from the template route, as the template browser does
             template = f"/api/workflow_templates/{PACK_LINK_NAME}/{name}.json"
@@ -51,24 +47,26 @@ async def _load_in_editor(url: str, profile) -> tuple[dict, dict, list[str]]:
             prompts[name] = json.loads(
                 await page.evaluate("window.app.graphToPrompt().then(p => JSON.stringify(p.output))")
             )
-        return saved, prompts, list(page.errors)
+        return saved, prompts, list(page.errors), frontend
 
 
 @pytest.mark.parametrize("name", WORKFLOWS)
 def test_the_editor_saves_the_workflow_unchanged(editor_results, name):
-    saved, _, _, _ = editor_results
+    saved, _, info, _, frontend = editor_results
     original = load_example(name)
-    if comfyui_version() >= (0, 33, 0):
+    if frontend >= (1, 48):
         _expect_newer_editor_changes(saved[name], original)
+    if frontend > (1, 48, 7):
+        _expect_current_editor_changes(saved[name], original, info)
     assert set(saved[name]) - VOLATILE_KEYS == set(original) - VOLATILE_KEYS
     for key in set(original) - VOLATILE_KEYS:
         assert saved[name][key] == original[key], key
 
 
 def _expect_newer_editor_changes(saved: dict, original: dict) -> None:
-    """What 0.33's editor (front end 1.48) changes in a template saved for every version, asserted exactly; then the
-    rest is compared as saved. Its SaveImage and PreviewImage have an IMAGE output, which it adds to the templates'
-    output-less nodes; it leaves out a group's font size when it is the default, 24."""
+    """What the editor of front end 1.48 (ComfyUI 0.33's) and newer changes in a template saved for every version,
+    asserted exactly; then the rest is compared as saved. Its SaveImage and PreviewImage have an IMAGE output, which
+    it adds to the templates' output-less nodes; it leaves out a group's font size when it is the default, 24."""
     for group, before in zip(saved["groups"], original["groups"], strict=True):
         assert before.get("font_size") == 24 and "font_size" not in group, (group, before)
         group["font_size"] = 24
@@ -81,9 +79,39 @@ def _expect_newer_editor_changes(saved: dict, original: dict) -> None:
             node["outputs"] = []
 
 
+def _expect_current_editor_changes(saved: dict, original: dict, info: dict) -> None:
+    """What front end 1.58.1 (seen there; not in 1.48.7) changes besides, asserted exactly: it adds
+    ``widgets_values_named`` (the same values as ``widgets_values``, by widget name), leaves out an empty
+    ``widgets_values``, and writes each input's display name from /object_info as its ``localized_name``."""
+    originals = {node["id"]: node for node in original["nodes"]}
+    for node in saved["nodes"]:
+        before = originals[node["id"]]
+        named = node.pop("widgets_values_named", None)
+        if before["widgets_values"]:
+            assert named is not None and list(named.values()) == before["widgets_values"], (node, before)
+        else:
+            assert not named and "widgets_values" not in node, node
+            node["widgets_values"] = []
+        specs = _input_specs(info.get(node["type"], {}))
+        for slot, old in zip(node.get("inputs", []), before.get("inputs", []), strict=True):
+            if slot.get("localized_name") != old.get("localized_name"):
+                assert slot["localized_name"] == specs[slot["name"]].get("display_name"), (node["type"], slot)
+                slot["localized_name"] = old["localized_name"]
+
+
+def _input_specs(definition: dict) -> dict[str, dict]:
+    """Input name -> its options in /object_info (display_name, tooltip...)."""
+    inputs = definition.get("input", {})
+    return {
+        name: (spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {})
+        for group in ("required", "optional")
+        for name, spec in inputs.get(group, {}).items()
+    }
+
+
 @pytest.mark.parametrize("name", WORKFLOWS)
 def test_the_editor_and_the_runner_make_the_same_prompt(editor_results, name):
-    _, prompts, info, _ = editor_results
+    _, prompts, info, _, _ = editor_results
     editor = {
         node_id: {"class_type": node["class_type"], "inputs": node["inputs"]} for node_id, node in prompts[name].items()
     }  # without the editor's "_meta" titles
@@ -93,7 +121,7 @@ def test_the_editor_and_the_runner_make_the_same_prompt(editor_results, name):
 def test_no_page_error_concerns_the_pack(editor_results):
     """ComfyUI's own front end logs 404s for optional user files, its update check and the download sizes of the
     Missing Models dialog offline; none may name a LoRWeB node or a missing node type."""
-    _, _, _, errors = editor_results
+    _, _, _, errors, _ = editor_results
     # the Missing Models dialog asks huggingface.co for each download's size: offline that fails by name resolution
     offline = "net::ERR_NAME_NOT_RESOLVED https://huggingface.co/"
     ours = [
