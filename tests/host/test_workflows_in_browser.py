@@ -10,6 +10,7 @@ import pytest
 from browser import find_chromium, open_page
 from comfy_host import PACK_LINK_NAME
 from comfy_server import get_json, make_base, post_json, running_server
+from template_view import CANVAS_1_27, READABLE_SCALE, WINDOW, contains, fitted_scale, nodes_bounds, restored_view
 from workflow_testing import WORKFLOWS, load_example, ui_to_api
 
 CHROMIUM = find_chromium()
@@ -21,15 +22,52 @@ VOLATILE_KEYS = {"id", "revision", "extra"}
 
 
 @pytest.fixture(scope="module")
-def editor_results(tmp_path_factory):
-    """For each workflow: (the editor's save of it, the editor's API prompt), plus /object_info, page errors and the
-    front end's version."""
+def editor_server(tmp_path_factory):
     base = make_base(tmp_path_factory.mktemp("editor_base"))
     with running_server(base) as url:
         post_json(url + "/settings/Comfy.TutorialCompleted", True)  # no first-run dialog over the canvas
-        info = get_json(url + "/object_info")
-        saved, prompts, errors, frontend = asyncio.run(_load_in_editor(url, tmp_path_factory.mktemp("profile")))
+        yield url, base
+
+
+@pytest.fixture(scope="module")
+def editor_results(editor_server, tmp_path_factory):
+    """For each workflow: (the editor's save of it, the editor's API prompt), plus /object_info, page errors and the
+    front end's version."""
+    url, _ = editor_server
+    info = get_json(url + "/object_info")
+    saved, prompts, errors, frontend = asyncio.run(_load_in_editor(url, tmp_path_factory.mktemp("profile")))
     return saved, prompts, info, errors, frontend
+
+
+@pytest.fixture(scope="module")
+def template_views(editor_server, tmp_path_factory):
+    """Each template opened as the template browser opens it, in a 1600x857 window: the view it got (scale, the
+    canvas area shown, low detail or not) and the front end's version; a screenshot each in the base folder."""
+    url, base = editor_server
+    return asyncio.run(_open_templates(url, base, tmp_path_factory.mktemp("profile")))
+
+
+async def _open_templates(url: str, base, profile) -> tuple[dict, tuple[int, ...]]:
+    views = {}
+    async with open_page(CHROMIUM, profile) as page:
+        metrics = {"width": WINDOW[0], "height": WINDOW[1], "deviceScaleFactor": 1, "mobile": False}
+        await page.send("Emulation.setDeviceMetricsOverride", metrics)
+        frontend = await page.open_comfyui(url, "LoRWeB_ApplyBasis")
+        for name in WORKFLOWS:
+            template = f"/api/workflow_templates/{PACK_LINK_NAME}/{name}.json"
+            # openSource: as the template browser of front ends 1.48+ opens a template (older ones ignore it)
+            await page.evaluate(
+                f"fetch({json.dumps(template)}).then(r => r.json()).then(w => window.app.loadGraphData("
+                f"w, true, true, {json.dumps(name)}, {{openSource: 'template'}}))"
+            )
+            await asyncio.sleep(2.0)  # the camera is set on the next frames
+            views[name] = await page.evaluate(
+                "(() => { const c = window.app.canvas; c.ds.computeVisibleArea(c.viewport);"
+                " return {scale: c.ds.scale, visible: Array.from(c.visible_area), lowDetail: Boolean(c.low_quality),"
+                " canvas: [c.canvas.width, c.canvas.height]}; })()"
+            )
+            await page.screenshot(base / f"template_{name}.png")
+    return views, frontend
 
 
 async def _load_in_editor(url: str, profile) -> tuple[dict, dict, list[str], tuple[int, ...]]:
@@ -128,3 +166,25 @@ def test_no_page_error_concerns_the_pack(editor_results):
         error for error in errors if "lorweb" in error.lower() and "/api/view?" not in error and offline not in error
     ]
     assert not ours, ours
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_templates_open_at_the_view_template_view_predicts(template_views, name):
+    """The model of the view a template opens at (tests/template_view.py, which the pure layout test applies to the
+    files) is the front end's: 1.48 and newer fit the nodes (and draw low detail below 8/14), older ones restore the
+    file's view (whether that shows the whole graph, and readable, is tests/test_template_layout.py's question).
+    A screenshot of each is left in the base folder."""
+    views, frontend = template_views
+    view, workflow = views[name], load_example(name)
+    canvas = tuple(view["canvas"])
+    assert canvas == (WINDOW if frontend >= (1, 35) else CANVAS_1_27), view
+    x, y, width, height = view["visible"]
+    visible = (x, y, x + width, y + height)
+    if frontend >= (1, 48):
+        assert view["scale"] == pytest.approx(fitted_scale(workflow, canvas), rel=1e-3), view
+        assert contains(visible, nodes_bounds(workflow)), (view, nodes_bounds(workflow))
+        assert view["lowDetail"] is (view["scale"] < READABLE_SCALE), view
+    else:
+        scale, predicted = restored_view(workflow, canvas)
+        assert view["scale"] == pytest.approx(scale, rel=1e-3), view
+        assert visible == pytest.approx(predicted, abs=0.5), view
