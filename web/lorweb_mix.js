@@ -19,7 +19,8 @@ function createPanel() {
   const panel = document.createElement("div");
   panel.className = "lorweb-mix";
   Object.assign(panel.style, { display: "flex", flexDirection: "column", gap: "4px", padding: "4px",
-                               font: "11px sans-serif", color: "#ddd", overflow: "hidden" });
+                               font: "11px sans-serif", color: "#ddd", overflow: "hidden", height: "100%",
+                               boxSizing: "border-box" });
   const canvas = document.createElement("canvas");
   canvas.className = "lorweb-mix-heat";
   Object.assign(canvas.style, { width: "100%", height: "84px", flex: "0 0 auto", imageRendering: "pixelated" });
@@ -52,11 +53,25 @@ function describe(mix) {
          `(${percent}% of uniform) · dominant ${dominant}`;
 }
 
+// Hidden and 0 px high until the first run (see vueNodesOn). The front end may set the widget element's own
+// display, so the panel sits in a plain wrapper.
+function addPanel(node) {
+  const panel = createPanel();
+  panel.style.display = "none";
+  node.lorwebMixPanel = panel;
+  const wrapper = document.createElement("div");
+  wrapper.append(panel);
+  const widget = node.addDOMWidget("lorweb_mix", "lorweb_mix", wrapper, {
+    serialize: false, hideOnZoom: false, getMinHeight: () => (panel.style.display === "none" ? 0 : 150),
+  });
+  // options.serialize keeps it out of the prompt; the workflow's widgets_values are LiteGraph's widget.serialize
+  widget.serialize = false;
+}
+
 function showMix(node, mix) {
-  if (!node.lorwebMixPanel) {
-    node.lorwebMixPanel = createPanel();
-    node.addDOMWidget("lorweb_mix", "lorweb_mix", node.lorwebMixPanel,
-                      { serialize: false, hideOnZoom: false, getMinHeight: () => 150 });
+  if (!node.lorwebMixPanel) addPanel(node);
+  if (node.lorwebMixPanel.style.display === "none") {
+    node.lorwebMixPanel.style.display = "flex";
     node.setSize([Math.max(node.size[0], 340), Math.max(node.size[1], 280)]);
   }
   drawHeat(node.lorwebMixPanel.querySelector("canvas"), mix);
@@ -66,10 +81,23 @@ function showMix(node, mix) {
   node.setDirtyCanvas?.(true, true);
 }
 
+// Vue nodes ("Nodes 2.0") of front end 1.35 list a node's widgets when the node is added and never show one added
+// later, so there the widget is made with the node. On the LiteGraph canvas it is made at the first run, as a
+// widget made with the node would grow nodes whose saved size leaves no room (a workflow would change on load).
+function vueNodesOn() {
+  return Boolean(app.extensionManager?.setting?.get?.("Comfy.VueNodes.Enabled"));
+}
+
 app.registerExtension({
   name: "lorweb.mixChart",
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (!MIX_NODES.has(nodeData.name)) return;
+    const onNodeCreated = nodeType.prototype.onNodeCreated;
+    nodeType.prototype.onNodeCreated = function () {
+      const result = onNodeCreated?.apply(this, arguments);
+      if (vueNodesOn()) addPanel(this);
+      return result;
+    };
     const onExecuted = nodeType.prototype.onExecuted;
     nodeType.prototype.onExecuted = function (output) {
       onExecuted?.apply(this, arguments);

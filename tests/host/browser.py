@@ -28,6 +28,10 @@ CHROMIUM_FLAGS = [
 ]
 
 
+#: every front-end version a test saw served (``window.__COMFYUI_FRONTEND_VERSION__``), for the session summary
+FRONTEND_VERSIONS: set[str] = set()
+
+
 def find_chromium() -> str | None:
     return next(
         (path for name in ("chromium", "chromium-browser", "google-chrome") if (path := shutil.which(name))), None
@@ -91,11 +95,34 @@ class Page:
                 raise TimeoutError(f"waited {timeout}s for: {expression}")
             await asyncio.sleep(0.25)
 
+    async def open_comfyui(self, url: str, node_type: str, timeout: float = 90) -> tuple[int, ...]:
+        """Open ComfyUI's editor at ``url`` and wait until ``node_type`` is registered; the front end's version."""
+        await self.send("Page.navigate", {"url": url})
+        await self.wait_for(
+            "window.app && window.app.graph && window.LiteGraph"
+            f" && window.LiteGraph.registered_node_types[{json.dumps(node_type)}]",
+            timeout=timeout,
+        )
+        version = await self.evaluate("window.__COMFYUI_FRONTEND_VERSION__ || ''")
+        FRONTEND_VERSIONS.add(version or "unknown")
+        return version_tuple(version)
+
     async def screenshot(self, path: Path) -> None:
         import base64
 
         data = await self.send("Page.captureScreenshot", {"format": "png"})
         path.write_bytes(base64.b64decode(data["data"]))
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    """``"1.58.1"`` -> (1, 58, 1); () when the front end did not say."""
+    parts = []
+    for part in (version or "").split(".")[:3]:
+        digits = "".join(itertools.takewhile(str.isdigit, part))
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
 
 
 @contextlib.asynccontextmanager

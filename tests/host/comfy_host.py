@@ -55,7 +55,6 @@ class ComfyHost:
         self.output = base / "output"
         self.server = comfy_harness.HeadlessServer()
         import execution
-
         import nodes
 
         self.nodes, self.execution = nodes, execution

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -16,6 +17,18 @@ from pathlib import Path
 from comfy_host import COMFYUI_ROOT, PACK_LINK_NAME, REPO_ROOT
 
 STARTUP_SECONDS = 120
+#: another front end for the browser tests: a folder holding its index.html (a comfyui-frontend-package wheel's
+#: ``comfyui_frontend_package/static``), passed to ComfyUI as ``--front-end-root``; unset: the ComfyUI's own
+FRONTEND_ROOT = os.environ.get("LORWEB_FRONTEND_ROOT") or None
+
+
+def frontend_arguments() -> list[str]:
+    if FRONTEND_ROOT is None:
+        return []
+    root = Path(FRONTEND_ROOT).resolve()
+    if not (root / "index.html").is_file():
+        raise RuntimeError(f"LORWEB_FRONTEND_ROOT={FRONTEND_ROOT} holds no index.html (use the wheel's static folder)")
+    return ["--front-end-root", str(root)]
 
 
 def free_port() -> int:
@@ -75,6 +88,7 @@ def running_server(base: Path) -> Iterator[str]:
                 "--base-directory",
                 str(base),
                 "--disable-auto-launch",
+                *frontend_arguments(),
             ],
             cwd=COMFYUI_ROOT,
             stdout=log,

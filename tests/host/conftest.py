@@ -54,6 +54,13 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    from browser import FRONTEND_VERSIONS  # filled by the browser tests that ran in this process
+    from comfy_server import FRONTEND_ROOT
+
+    if FRONTEND_VERSIONS:
+        source = f"LORWEB_FRONTEND_ROOT={FRONTEND_ROOT}" if FRONTEND_ROOT else "the ComfyUI's own"
+        versions = ", ".join(sorted(FRONTEND_VERSIONS))
+        terminalreporter.write_line(f"front end in the browser tests: {versions} ({source})")
     for line in config.stash.get(HOST_SUMMARY, []):
         terminalreporter.write_line(line)
 

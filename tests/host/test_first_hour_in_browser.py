@@ -70,7 +70,7 @@ def first_hour(tmp_path_factory):
         results["inputs_before"] = sorted(path.name for path in (base / "input").iterdir())
         results["install_report"] = install_example_images(base / "input")
         results["without_models"] = {name: queue(url, name, info) for name in WORKFLOWS}
-        results["dialog"], results["errors"] = asyncio.run(_missing_models_dialog(url, base))
+        results["dialog"], results["errors"], results["frontend"] = asyncio.run(_missing_models_dialog(url, base))
         for file_name, folder in MODEL_FILES.items():
             (base / "models" / folder).mkdir(parents=True, exist_ok=True)
             (base / "models" / folder / file_name).write_bytes(b"")  # names only: validation lists them
@@ -78,39 +78,37 @@ def first_hour(tmp_path_factory):
             (base / "models" / "loras").mkdir(parents=True, exist_ok=True)
             (base / "models" / "loras" / file_name).write_bytes(b"")
         results["with_models"] = {name: queue(url, name, info) for name in WORKFLOWS}
-        results["dialog_with_models"], _ = asyncio.run(_missing_models_dialog(url, base, screenshots=False))
+        results["dialog_with_models"], _, _ = asyncio.run(_missing_models_dialog(url, base, screenshots=False))
     results["base"] = base
     return results
 
 
-async def _missing_models_dialog(url: str, base: Path, screenshots: bool = True) -> tuple[str | None, list[str]]:
-    """Open the forward template as the template browser does; the dialog's text (None: no dialog)."""
+async def _missing_models_dialog(url: str, base: Path, screenshots: bool = True):
+    """Open the forward template as the template browser does; (the offer's UI and text or None, the page errors,
+    the front end's version)."""
     async with open_page(CHROMIUM, base / f"profile_{screenshots}") as page:
-        await page.send("Page.navigate", {"url": url})
-        await page.wait_for(
-            "window.app && window.app.graph && window.LiteGraph"
-            " && window.LiteGraph.registered_node_types['LoRWeB_EncodeAnalogy']",
-            timeout=90,
-        )
+        frontend = await page.open_comfyui(url, "LoRWeB_EncodeAnalogy")
         template = f"/api/workflow_templates/{PACK_LINK_NAME}/{FORWARD}.json"
+        # openSource: how the template browser of front end 1.58 opens a template (older ones ignore it)
         await page.evaluate(
             f"fetch({json.dumps(template)}).then(r => r.json())"
-            f".then(w => window.app.loadGraphData(w, true, true, {json.dumps(FORWARD)}))"
+            f".then(w => window.app.loadGraphData(w, true, true, {json.dumps(FORWARD)}, {{openSource: 'template'}}))"
         )
         found = await _missing_models_text(page)
         if found is None:
-            return None, list(page.errors)
+            return None, list(page.errors), frontend
         if screenshots:
             await page.screenshot(base / "missing_models_dialog.png")
             await page.evaluate("document.querySelectorAll('.p-dialog-close-button').forEach(b => b.click())")
             await _show_whole_graph(page)
             await page.screenshot(base / "template_graph.png")
-        return found, list(page.errors)
+        return found, list(page.errors), frontend
 
 
 #: the front end's ways of offering missing model files: the Missing Models dialog (front end 1.35 and older,
 #: ComfyUI 0.8.0 / 0.3.64), and the error overlay's "View details" into the Errors tab's Missing Models list
-#: (front end 1.48, ComfyUI 0.33)
+#: (front end 1.48, ComfyUI 0.33; in 1.58.1 the overlay says "N issues found" and the list is in the right-hand
+#: Workflow Overview panel's Issues tab)
 _OLD_DIALOG = "document.querySelector('.comfy-missing-models')"
 _VIEW_DETAILS = "Array.from(document.querySelectorAll('button')).find(b => b.innerText.trim() === 'View details')"
 
@@ -182,13 +180,13 @@ def test_with_the_model_files_in_place_the_template_is_accepted(first_hour, name
 
 
 def test_the_missing_models_dialog_offers_all_six_files(first_hour):
-    """0.8.0 / 0.3.64: the Missing Models dialog lists "folder / file" with Download. 0.33 (front end 1.48): the
-    error overlay's View details opens the Errors tab, whose Missing Models list has each file, its folder and a
-    Download button."""
-    found = first_hour["dialog"]
+    """Front ends 1.35 and older (ComfyUI 0.8.0 / 0.3.64): the Missing Models dialog lists "folder / file" with
+    Download. 1.48 (ComfyUI 0.33) and 1.58: the error overlay's View details opens the errors list (Errors tab; in
+    1.58 the Issues tab), whose Missing Models list has each file, its folder and a Download button."""
+    found, frontend = first_hour["dialog"], first_hour["frontend"]
     assert found is not None, f"no missing-model offer; page errors: {first_hour['errors']}"
     ui, text = found
-    assert ui == ("errors tab" if comfyui_version() >= (0, 33, 0) else "dialog"), (ui, text)
+    assert ui == ("errors tab" if frontend >= (1, 48) else "dialog"), (frontend, ui, text)
     for file_name, folder in MODEL_FILES.items():
         if ui == "dialog":
             assert f"{folder} / {file_name}" in text, (file_name, text)

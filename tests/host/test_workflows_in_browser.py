@@ -8,8 +8,9 @@ import json
 
 import pytest
 from browser import find_chromium, open_page
-from comfy_host import PACK_LINK_NAME, comfyui_version
+from comfy_host import PACK_LINK_NAME
 from comfy_server import get_json, make_base, post_json, running_server
+from template_view import CANVAS_1_27, READABLE_SCALE, WINDOW, contains, fitted_scale, nodes_bounds, restored_view
 from workflow_testing import WORKFLOWS, load_example, ui_to_api
 
 CHROMIUM = find_chromium()
@@ -21,25 +22,58 @@ VOLATILE_KEYS = {"id", "revision", "extra"}
 
 
 @pytest.fixture(scope="module")
-def editor_results(tmp_path_factory):
-    """For each workflow: (the editor's save of it, the editor's API prompt), plus /object_info and page errors."""
+def editor_server(tmp_path_factory):
     base = make_base(tmp_path_factory.mktemp("editor_base"))
     with running_server(base) as url:
         post_json(url + "/settings/Comfy.TutorialCompleted", True)  # no first-run dialog over the canvas
-        info = get_json(url + "/object_info")
-        saved, prompts, errors = asyncio.run(_load_in_editor(url, tmp_path_factory.mktemp("profile")))
-    return saved, prompts, info, errors
+        yield url, base
 
 
-async def _load_in_editor(url: str, profile) -> tuple[dict, dict, list[str]]:
+@pytest.fixture(scope="module")
+def editor_results(editor_server, tmp_path_factory):
+    """For each workflow: (the editor's save of it, the editor's API prompt), plus /object_info, page errors and the
+    front end's version."""
+    url, _ = editor_server
+    info = get_json(url + "/object_info")
+    saved, prompts, errors, frontend = asyncio.run(_load_in_editor(url, tmp_path_factory.mktemp("profile")))
+    return saved, prompts, info, errors, frontend
+
+
+@pytest.fixture(scope="module")
+def template_views(editor_server, tmp_path_factory):
+    """Each template opened as the template browser opens it, in a 1600x857 window: the view it got (scale, the
+    canvas area shown, low detail or not) and the front end's version; a screenshot each in the base folder."""
+    url, base = editor_server
+    return asyncio.run(_open_templates(url, base, tmp_path_factory.mktemp("profile")))
+
+
+async def _open_templates(url: str, base, profile) -> tuple[dict, tuple[int, ...]]:
+    views = {}
+    async with open_page(CHROMIUM, profile) as page:
+        metrics = {"width": WINDOW[0], "height": WINDOW[1], "deviceScaleFactor": 1, "mobile": False}
+        await page.send("Emulation.setDeviceMetricsOverride", metrics)
+        frontend = await page.open_comfyui(url, "LoRWeB_ApplyBasis")
+        for name in WORKFLOWS:
+            template = f"/api/workflow_templates/{PACK_LINK_NAME}/{name}.json"
+            # openSource: as the template browser of front ends 1.48+ opens a template (older ones ignore it)
+            await page.evaluate(
+                f"fetch({json.dumps(template)}).then(r => r.json()).then(w => window.app.loadGraphData("
+                f"w, true, true, {json.dumps(name)}, {{openSource: 'template'}}))"
+            )
+            await asyncio.sleep(2.0)  # the camera is set on the next frames
+            views[name] = await page.evaluate(
+                "(() => { const c = window.app.canvas; c.ds.computeVisibleArea(c.viewport);"
+                " return {scale: c.ds.scale, visible: Array.from(c.visible_area), lowDetail: Boolean(c.low_quality),"
+                " canvas: [c.canvas.width, c.canvas.height]}; })()"
+            )
+            await page.screenshot(base / f"template_{name}.png")
+    return views, frontend
+
+
+async def _load_in_editor(url: str, profile) -> tuple[dict, dict, list[str], tuple[int, ...]]:
     saved, prompts = {}, {}
     async with open_page(CHROMIUM, profile) as page:
-        await page.send("Page.navigate", {"url": url})
-        await page.wait_for(
-            "window.app && window.app.graph && window.LiteGraph"
-            " && window.LiteGraph.registered_node_types['LoRWeB_ApplyBasis']",
-            timeout=90,
-        )
+        frontend = await page.open_comfyui(url, "LoRWeB_ApplyBasis")
         for name in WORKFLOWS:
             # fetched from the template route, as the template browser does
             template = f"/api/workflow_templates/{PACK_LINK_NAME}/{name}.json"
@@ -51,24 +85,26 @@ async def _load_in_editor(url: str, profile) -> tuple[dict, dict, list[str]]:
             prompts[name] = json.loads(
                 await page.evaluate("window.app.graphToPrompt().then(p => JSON.stringify(p.output))")
             )
-        return saved, prompts, list(page.errors)
+        return saved, prompts, list(page.errors), frontend
 
 
 @pytest.mark.parametrize("name", WORKFLOWS)
 def test_the_editor_saves_the_workflow_unchanged(editor_results, name):
-    saved, _, _, _ = editor_results
+    saved, _, info, _, frontend = editor_results
     original = load_example(name)
-    if comfyui_version() >= (0, 33, 0):
+    if frontend >= (1, 48):
         _expect_newer_editor_changes(saved[name], original)
+    if frontend > (1, 48, 7):
+        _expect_current_editor_changes(saved[name], original, info)
     assert set(saved[name]) - VOLATILE_KEYS == set(original) - VOLATILE_KEYS
     for key in set(original) - VOLATILE_KEYS:
         assert saved[name][key] == original[key], key
 
 
 def _expect_newer_editor_changes(saved: dict, original: dict) -> None:
-    """What 0.33's editor (front end 1.48) changes in a template saved for every version, asserted exactly; then the
-    rest is compared as saved. Its SaveImage and PreviewImage have an IMAGE output, which it adds to the templates'
-    output-less nodes; it leaves out a group's font size when it is the default, 24."""
+    """What the editor of front end 1.48 (ComfyUI 0.33's) and newer changes in a template saved for every version,
+    asserted exactly; then the rest is compared as saved. Its SaveImage and PreviewImage have an IMAGE output, which
+    it adds to the templates' output-less nodes; it leaves out a group's font size when it is the default, 24."""
     for group, before in zip(saved["groups"], original["groups"], strict=True):
         assert before.get("font_size") == 24 and "font_size" not in group, (group, before)
         group["font_size"] = 24
@@ -81,9 +117,39 @@ def _expect_newer_editor_changes(saved: dict, original: dict) -> None:
             node["outputs"] = []
 
 
+def _expect_current_editor_changes(saved: dict, original: dict, info: dict) -> None:
+    """What front end 1.58.1 (seen there; not in 1.48.7) changes besides, asserted exactly: it adds
+    ``widgets_values_named`` (the same values as ``widgets_values``, by widget name), leaves out an empty
+    ``widgets_values``, and writes each input's display name from /object_info as its ``localized_name``."""
+    originals = {node["id"]: node for node in original["nodes"]}
+    for node in saved["nodes"]:
+        before = originals[node["id"]]
+        named = node.pop("widgets_values_named", None)
+        if before["widgets_values"]:
+            assert named is not None and list(named.values()) == before["widgets_values"], (node, before)
+        else:
+            assert not named and "widgets_values" not in node, node
+            node["widgets_values"] = []
+        specs = _input_specs(info.get(node["type"], {}))
+        for slot, old in zip(node.get("inputs", []), before.get("inputs", []), strict=True):
+            if slot.get("localized_name") != old.get("localized_name"):
+                assert slot["localized_name"] == specs[slot["name"]].get("display_name"), (node["type"], slot)
+                slot["localized_name"] = old["localized_name"]
+
+
+def _input_specs(definition: dict) -> dict[str, dict]:
+    """Input name -> its options in /object_info (display_name, tooltip...)."""
+    inputs = definition.get("input", {})
+    return {
+        name: (spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {})
+        for group in ("required", "optional")
+        for name, spec in inputs.get(group, {}).items()
+    }
+
+
 @pytest.mark.parametrize("name", WORKFLOWS)
 def test_the_editor_and_the_runner_make_the_same_prompt(editor_results, name):
-    _, prompts, info, _ = editor_results
+    _, prompts, info, _, _ = editor_results
     editor = {
         node_id: {"class_type": node["class_type"], "inputs": node["inputs"]} for node_id, node in prompts[name].items()
     }  # without the editor's "_meta" titles
@@ -93,10 +159,32 @@ def test_the_editor_and_the_runner_make_the_same_prompt(editor_results, name):
 def test_no_page_error_concerns_the_pack(editor_results):
     """ComfyUI's own front end logs 404s for optional user files, its update check and the download sizes of the
     Missing Models dialog offline; none may name a LoRWeB node or a missing node type."""
-    _, _, _, errors = editor_results
+    _, _, _, errors, _ = editor_results
     # the Missing Models dialog asks huggingface.co for each download's size: offline that fails by name resolution
     offline = "net::ERR_NAME_NOT_RESOLVED https://huggingface.co/"
     ours = [
         error for error in errors if "lorweb" in error.lower() and "/api/view?" not in error and offline not in error
     ]
     assert not ours, ours
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_templates_open_at_the_view_template_view_predicts(template_views, name):
+    """The model of the view a template opens at (tests/template_view.py, which the pure layout test applies to the
+    files) is the front end's: 1.48 and newer fit the nodes (and draw low detail below 8/14), older ones restore the
+    file's view (whether that shows the whole graph, and readable, is tests/test_template_layout.py's question).
+    A screenshot of each is left in the base folder."""
+    views, frontend = template_views
+    view, workflow = views[name], load_example(name)
+    canvas = tuple(view["canvas"])
+    assert canvas == (WINDOW if frontend >= (1, 35) else CANVAS_1_27), view
+    x, y, width, height = view["visible"]
+    visible = (x, y, x + width, y + height)
+    if frontend >= (1, 48):
+        assert view["scale"] == pytest.approx(fitted_scale(workflow, canvas), rel=1e-3), view
+        assert contains(visible, nodes_bounds(workflow)), (view, nodes_bounds(workflow))
+        assert view["lowDetail"] is (view["scale"] < READABLE_SCALE), view
+    else:
+        scale, predicted = restored_view(workflow, canvas)
+        assert view["scale"] == pytest.approx(scale, rel=1e-3), view
+        assert visible == pytest.approx(predicted, abs=0.5), view
