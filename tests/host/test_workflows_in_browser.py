@@ -92,6 +92,13 @@ async def _load_in_editor(url: str, profile) -> tuple[dict, dict, list[str], tup
 def test_the_editor_saves_the_workflow_unchanged(editor_results, name):
     saved, _, info, _, frontend = editor_results
     original = load_example(name)
+    if "definitions" in original:
+        # A template with a subgraph (the one-node analogy) is saved as front end 1.35 writes it. Other editors keep
+        # its graph but rewrite their own bookkeeping inside it (1.48.7 moves the subgraph node's proxyWidgets into
+        # proxyWidgetErrorQuarantine and adds previewExposures; 1.27 writes positions as {"0": x, "1": y}); the graph
+        # itself, outside and inside the subgraph, must come back the same (the prompt test checks what it runs).
+        assert graph_content(saved[name]) == graph_content(original)
+        return
     if frontend >= (1, 48):
         _expect_newer_editor_changes(saved[name], original)
     if frontend > (1, 48, 7):
@@ -99,6 +106,47 @@ def test_the_editor_saves_the_workflow_unchanged(editor_results, name):
     assert set(saved[name]) - VOLATILE_KEYS == set(original) - VOLATILE_KEYS
     for key in set(original) - VOLATILE_KEYS:
         assert saved[name][key] == original[key], key
+
+
+def graph_content(workflow: dict) -> dict:
+    """What a workflow computes, outside and inside its subgraphs: nodes (id, type, mode, widget values, sockets and
+    their links), links and the subgraphs' own inputs and outputs; no positions, sizes or editor bookkeeping."""
+
+    def widgets(node: dict) -> list:
+        return node.get("widgets_values") or list((node.get("widgets_values_named") or {}).values())
+
+    def nodes(items: list[dict]) -> dict:
+        return {
+            node["id"]: (
+                node["type"],
+                node.get("mode", 0),
+                widgets(node),
+                [(slot["name"], slot["type"], slot.get("link")) for slot in node.get("inputs", [])],
+                [(slot["name"], slot["type"], sorted(slot.get("links") or [])) for slot in node.get("outputs", [])],
+            )
+            for node in items
+        }
+
+    def links(items: list) -> list:
+        return sorted(
+            tuple(link[:6]) if isinstance(link, list) else tuple(link[key] for key in LINK_KEYS) for link in items
+        )
+
+    subgraphs = {
+        graph["id"]: (
+            graph["name"],
+            [(slot["name"], slot["type"], sorted(slot.get("linkIds", []))) for slot in graph.get("inputs", [])],
+            [(slot["name"], slot["type"], sorted(slot.get("linkIds", []))) for slot in graph.get("outputs", [])],
+            nodes(graph["nodes"]),
+            links(graph.get("links", [])),
+        )
+        for graph in workflow.get("definitions", {}).get("subgraphs", [])
+    }
+    return {"nodes": nodes(workflow["nodes"]), "links": links(workflow["links"]), "subgraphs": subgraphs}
+
+
+#: a link saved as an object (inside subgraphs) in the order of the list form [id, origin, slot, target, slot, type]
+LINK_KEYS = ("id", "origin_id", "origin_slot", "target_id", "target_slot", "type")
 
 
 def _expect_newer_editor_changes(saved: dict, original: dict) -> None:
