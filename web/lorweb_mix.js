@@ -2,9 +2,8 @@
 // a heat map (Flux blocks x basis LoRAs), the dominant basis LoRAs and the entropy of the mix.
 // The data comes from the node's UI output "lorweb_mix" (see lorweb_ops/chart.py mix_summary).
 // Text is only ever set with textContent, never as HTML: values may come from files users share.
-import { app } from "../../scripts/app.js";
+import { registerOutputPanel } from "./lorweb_panel.js";
 
-const MIX_NODES = new Set(["LoRWeB_ApplyBasis", "LoRWeB_ApplyWeights"]);
 const VIRIDIS = [[68, 1, 84], [65, 68, 135], [42, 120, 142], [34, 168, 132], [122, 209, 81], [253, 231, 37]];
 
 function viridis(value) {
@@ -53,56 +52,16 @@ function describe(mix) {
          `(${percent}% of uniform) · dominant ${dominant}`;
 }
 
-// Hidden and 0 px high until the first run (see vueNodesOn). The front end may set the widget element's own
-// display, so the panel sits in a plain wrapper.
-function addPanel(node) {
-  const panel = createPanel();
-  panel.style.display = "none";
-  node.lorwebMixPanel = panel;
-  const wrapper = document.createElement("div");
-  wrapper.append(panel);
-  const widget = node.addDOMWidget("lorweb_mix", "lorweb_mix", wrapper, {
-    serialize: false, hideOnZoom: false, getMinHeight: () => (panel.style.display === "none" ? 0 : 150),
-  });
-  // options.serialize keeps it out of the prompt; the workflow's widgets_values are LiteGraph's widget.serialize
-  widget.serialize = false;
-}
-
-function showMix(node, mix) {
-  if (!node.lorwebMixPanel) addPanel(node);
-  if (node.lorwebMixPanel.style.display === "none") {
-    node.lorwebMixPanel.style.display = "flex";
-    node.setSize([Math.max(node.size[0], 340), Math.max(node.size[1], 280)]);
-  }
-  drawHeat(node.lorwebMixPanel.querySelector("canvas"), mix);
-  const caption = node.lorwebMixPanel.querySelector(".lorweb-mix-caption");
+function fillMix(panel, mix) {
+  drawHeat(panel.querySelector("canvas"), mix);
+  const caption = panel.querySelector(".lorweb-mix-caption");
   caption.textContent = describe(mix);
-  node.lorwebMixPanel.title = caption.textContent;
-  node.setDirtyCanvas?.(true, true);
+  panel.title = caption.textContent;
 }
 
-// Vue nodes ("Nodes 2.0") of front end 1.35 list a node's widgets when the node is added and never show one added
-// later, so there the widget is made with the node. On the LiteGraph canvas it is made at the first run, as a
-// widget made with the node would grow nodes whose saved size leaves no room (a workflow would change on load).
-function vueNodesOn() {
-  return Boolean(app.extensionManager?.setting?.get?.("Comfy.VueNodes.Enabled"));
-}
-
-app.registerExtension({
-  name: "lorweb.mixChart",
-  async beforeRegisterNodeDef(nodeType, nodeData) {
-    if (!MIX_NODES.has(nodeData.name)) return;
-    const onNodeCreated = nodeType.prototype.onNodeCreated;
-    nodeType.prototype.onNodeCreated = function () {
-      const result = onNodeCreated?.apply(this, arguments);
-      if (vueNodesOn()) addPanel(this);
-      return result;
-    };
-    const onExecuted = nodeType.prototype.onExecuted;
-    nodeType.prototype.onExecuted = function (output) {
-      onExecuted?.apply(this, arguments);
-      const mix = output?.lorweb_mix?.[0];
-      if (mix && Array.isArray(mix.heat)) showMix(this, mix);
-    };
-  },
+registerOutputPanel({
+  name: "lorweb.mixChart", nodes: ["LoRWeB_ApplyBasis", "LoRWeB_ApplyWeights"], output: "lorweb_mix",
+  accepts: (mix) => Array.isArray(mix.heat),
+  create: createPanel, fill: fillMix,
+  property: "lorwebMixPanel", widget: "lorweb_mix", display: "flex", minHeight: 150, minSize: [340, 280],
 });
