@@ -75,9 +75,8 @@ class Header:
         return list(self.entries)
 
 
-def read_header(path: str, kind: FileKind | None = None) -> Header:
+def read_header(path: str, kind: FileKind = BASIS) -> Header:
     """Validate the file with the safetensors library and return its header; reads no tensor data."""
-    kind = kind or BASIS
     name = os.path.basename(path)
     try:
         with safe_open(path, framework="pt") as handle:

@@ -100,6 +100,10 @@ def load_workflow(path: str | Path) -> dict:
         raise ValueError(
             f"{path} is not a ComfyUI UI workflow (it needs 'nodes' and 'links'; API-format prompts are not templates)"
         )
+    try:
+        expand_subgraphs(workflow)  # a subgraph that cannot be expanded is refused here, before ComfyUI starts
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
     return workflow
 
 
@@ -186,6 +190,11 @@ SUBGRAPH_INPUT_NODE, SUBGRAPH_OUTPUT_NODE = -10, -20
 SUBGRAPH_VALUES = "subgraph_values"
 #: a proxyWidgets entry whose node is "-1" is a widget of the subgraph node's own input of that name
 OWN_INPUT = "-1"
+#: far more nodes than any real workflow expands to; subgraphs nested in each other multiply, so a file built to hurt
+#: could otherwise ask for billions
+MAX_EXPANDED_NODES = 100_000
+#: subgraphs inside subgraphs: the editor nests a few levels; far deeper would exhaust Python's stack
+MAX_SUBGRAPH_DEPTH = 32
 
 
 def subgraph_definitions(workflow: Mapping) -> dict[str, Mapping]:
@@ -239,6 +248,7 @@ class _Flattener:
         self.definitions = definitions
         self.nodes: list[dict] = []
         self.links: list[list] = []
+        self.open: list[str] = []  # the subgraphs being expanded, outermost first
 
     def level(self, level: _Level) -> dict[int, tuple]:
         """Flatten one graph; what feeds each of its subgraph outputs (by slot)."""
@@ -275,6 +285,11 @@ class _Flattener:
         return outputs
 
     def plain_node(self, node: Mapping, level: _Level, feed) -> None:
+        if len(self.nodes) >= MAX_EXPANDED_NODES:
+            raise ValueError(
+                f"its subgraphs expand to more than {MAX_EXPANDED_NODES} nodes (subgraphs nested in each other "
+                "multiply); no real workflow is that large"
+            )
         flat = {**node, "id": f"{level.prefix}{node['id']}" if level.prefix else node["id"]}
         if level.mode not in (None, MODE_ALWAYS) and flat.get("mode", MODE_ALWAYS) == MODE_ALWAYS:
             flat["mode"] = level.mode
@@ -297,6 +312,11 @@ class _Flattener:
 
     def subgraph_node(self, node: Mapping, level: _Level, feed) -> dict[int, tuple]:
         definition = self.definitions[node["type"]]
+        if node["type"] in self.open:
+            names = " -> ".join(str(self.definitions[i].get("name", i)) for i in [*self.open, node["type"]])
+            raise ValueError(f"its subgraph {names} contains itself, so it never ends; the workflow cannot run")
+        if len(self.open) >= MAX_SUBGRAPH_DEPTH:
+            raise ValueError(f"its subgraphs are nested more than {MAX_SUBGRAPH_DEPTH} deep; no real workflow is")
         widget_values = _subgraph_widget_values(node)
         inputs = {}
         for slot, spec in enumerate(definition.get("inputs") or []):
@@ -316,7 +336,11 @@ class _Flattener:
             (definition.get("inputNode") or {}).get("id", SUBGRAPH_INPUT_NODE),
             (definition.get("outputNode") or {}).get("id", SUBGRAPH_OUTPUT_NODE),
         )
-        return self.level(inner)
+        self.open.append(node["type"])
+        try:
+            return self.level(inner)
+        finally:
+            self.open.pop()
 
     def link(self, origin: tuple[str, int], target, target_slot: int, link_type) -> int:
         link_id = len(self.links) + 1
@@ -335,7 +359,10 @@ def _subgraph_widget_values(node: Mapping) -> dict[str, Any]:
         return {}
     proxies = (node.get("properties") or {}).get("proxyWidgets")
     if isinstance(proxies, str):
-        proxies = json.loads(proxies)
+        try:
+            proxies = json.loads(proxies)
+        except json.JSONDecodeError:
+            raise ValueError(f"subgraph node {node.get('id')}: its properties.proxyWidgets is not JSON") from None
     if isinstance(proxies, list):
         pairs = [
             (entry[1], value)

@@ -26,6 +26,7 @@ from workflow_testing import (
 )
 
 sys.path.insert(0, str(ROOT / "scripts"))
+from lorweb_workflow import load_workflow  # noqa: E402
 from runner_prompt import RunSettings, SaveOutput, build_prompt, image_loaders, save_outputs  # noqa: E402
 
 #: the blueprint's inputs and outputs: (name, type)
@@ -286,3 +287,49 @@ def test_a_muted_subgraph_node_mutes_the_nodes_inside():
 def test_a_workflow_without_subgraph_nodes_is_left_as_it_is():
     workflow = load_example(FORWARD)
     assert expand_subgraphs(workflow) is workflow
+
+
+def _nesting(levels: int, per_level: int, last_type: str = "Note") -> dict:
+    """A workflow whose subgraph L0 holds ``per_level`` nodes of subgraph L1, and so on ``levels`` deep."""
+    subgraphs = [
+        {
+            "id": f"L{level}",
+            "name": f"level {level}",
+            "nodes": [
+                {"id": j, "type": f"L{level + 1}" if level + 1 < levels else last_type, "inputs": [], "outputs": []}
+                for j in range(per_level)
+            ],
+            "links": [],
+            "inputs": [],
+            "outputs": [],
+        }
+        for level in range(levels)
+    ]
+    node = {"id": 1, "type": "L0", "inputs": [], "outputs": []}
+    return {"nodes": [node], "links": [], "definitions": {"subgraphs": subgraphs}}
+
+
+@pytest.mark.parametrize(
+    "workflow, message",
+    [
+        (_nesting(1, 1, last_type="L0"), r"subgraph level 0 -> level 0 contains itself"),
+        (_nesting(2, 1, last_type="L0"), r"subgraph level 0 -> level 1 -> level 0 contains itself"),
+        (_nesting(10, 10), r"subgraphs expand to more than 100000 nodes"),  # 10^10 nodes if expanded
+        (_nesting(2000, 1), r"subgraphs are nested more than 32 deep"),  # past Python's stack if followed
+    ],
+    ids=["contains itself", "contains itself through another", "nested fan-out", "nested too deep"],
+)
+def test_hostile_subgraphs_are_refused_with_a_message_in_bounded_time(tmp_path, workflow, message):
+    path = tmp_path / "hostile.json"
+    path.write_text(json.dumps(workflow), encoding="utf-8")
+    with pytest.raises(ValueError, match=f"^{path}: its {message}"):
+        load_workflow(path)
+
+
+def test_a_subgraph_nodes_proxy_widgets_that_are_not_json_are_refused(tmp_path):
+    workflow = _nesting(1, 0)
+    workflow["nodes"][0].update(widgets_values=[1.0], properties={"proxyWidgets": "[not json"})
+    path = tmp_path / "hostile.json"
+    path.write_text(json.dumps(workflow), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"subgraph node 1: its properties.proxyWidgets is not JSON"):
+        load_workflow(path)
