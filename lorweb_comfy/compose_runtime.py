@@ -48,9 +48,7 @@ _WRAPPER_KEY = "lorweb_compose"
 def merge_patches(model, entry: SetEntry) -> dict:
     """The ``add_patches`` input of one entry, as ComfyUI's own LoRA loader builds it (strength not included)."""
     if entry.kind == "analogy":
-        patches = composed_patches(entry.basis, entry.weights.coefficients)
-        check_model_fits(model, patches, entry.basis.path)
-        return comfy_patches(patches)
+        return comfy_patches(_analogy_patches(model, entry))
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
     loaded = comfy.lora.load_lora(comfy.lora_convert.convert_lora(entry.state), key_map, log_missing=False)
     known = set(model.model_state_dict(filter_prefix=MODEL_PREFIX))
@@ -63,10 +61,16 @@ def merge_patches(model, entry: SetEntry) -> dict:
     return matched
 
 
-def analogy_terms(model, entry: SetEntry) -> list[LowRankTerm]:
-    """An analogy's composed patches as terms, straight from the library (no round trip through ComfyUI's adapter)."""
+def _analogy_patches(model, entry: SetEntry) -> list:
+    """The analogy's composed patches, checked against the model before anything is built from them."""
     patches = composed_patches(entry.basis, entry.weights.coefficients)
     check_model_fits(model, patches, entry.basis.path)
+    return patches
+
+
+def analogy_terms(model, entry: SetEntry) -> list[LowRankTerm]:
+    """An analogy's composed patches as terms, straight from the library (no round trip through ComfyUI's adapter)."""
+    patches = _analogy_patches(model, entry)
     return [
         LowRankTerm(
             p.target.bfl_layer, p.up, p.down, 1.0, p.target.row_start, p.target.row_count if p.target.fused else None
