@@ -236,7 +236,7 @@ def test_save_chart_with_two_apply_nodes_names_them(definitions):
     with pytest.raises(SystemExit) as error:
         _build(TWO_ANALOGIES, definitions, save_chart=True)
     assert "exactly one LoRWeB_ApplyBasis node for --save-chart" in str(error.value)
-    assert "'Analogy 2 weights (strength 0: weights only)' (node 27)" in str(error.value)
+    assert "'Analogy 2: weights only (strength 0)' (node 27)" in str(error.value)
 
 
 def test_muted_and_bypassed_save_nodes_write_nothing():

@@ -24,21 +24,7 @@ def test_every_node_lies_inside_its_group_and_on_no_other_node(name):
     assert not problems, "\n".join(problems)
 
 
-#: Templates whose nodes cannot fit the readable area yet: the two-analogies template holds 32 nodes (five images, two
-#: analogies, the compose group, four notes) in about 2.4 M square units, more than the 2080 x 1105 a readable fit has
-#: even packed without gaps. It opens at 49 % (was 32 %) until its content is split or shortened (issue 15).
-NOT_YET_READABLE = {"lorweb_compose_two_analogies_cmlora"}
-
-
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(name, marks=pytest.mark.xfail(strict=True, reason="too many nodes for a readable fit (issue 15)"))
-        if name in NOT_YET_READABLE
-        else name
-        for name in WORKFLOWS
-    ],
-)
+@pytest.mark.parametrize("name", WORKFLOWS)
 def test_current_front_ends_open_the_template_readable(name):
     """Front ends 1.48 and newer fit the view to the nodes when the template browser opens a template."""
     scale = fitted_scale(load_example(name))
