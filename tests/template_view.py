@@ -14,6 +14,8 @@ from __future__ import annotations
 #: the window the templates must open readable in (a laptop browser with its bars), and the canvas in it: the whole
 #: window from front end 1.35 on; 1.27 keeps its side bar and menu bar outside the canvas
 WINDOW = (1600, 857)
+#: a browser on a full-HD (1920x1080) screen with its bars and the system's task bar
+FULL_HD_WINDOW = (1920, 900)
 CANVAS_1_27 = (1536, 779)
 #: LiteGraph's node title bar above ``pos`` and a group's title bar (its default font size 24 plus padding)
 NODE_TITLE = 30
@@ -24,6 +26,19 @@ FIT_PADDING = 10
 #: the lowest scale at which front ends 1.35 and newer draw node text, and the one every front end does (1.27's)
 READABLE_SCALE = 8 / 14
 READABLE_SCALE_ANY = 0.6
+
+#: the least (width, height) the editors give a node once it is in use (measured on front ends 1.27.10, 1.35.9, 1.48.7
+#: and 1.58.1, classic canvas): Load Image with its image loaded, and after the first run an Apply node showing its
+#: mix chart (the ``minSize`` in web/lorweb_mix.js) and a node showing the image it received. A template saves them at
+#: least this large so that nothing overlaps once it is used (tests/host/test_workflows_in_browser.py and
+#: test_browser.py check these numbers against the running front ends).
+IN_USE_SIZE = {
+    "LoadImage": (0, 314),
+    "LoRWeB_ApplyBasis": (340, 280),
+    "LoRWeB_ApplyWeights": (340, 280),
+    "PreviewImage": (0, 246),
+    "SaveImage": (0, 270),
+}
 
 Rect = tuple[float, float, float, float]  # x0, y0, x1, y1
 

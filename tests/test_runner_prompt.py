@@ -147,7 +147,7 @@ def test_an_ambiguous_option_names_the_nodes_and_the_way_out(definitions):
         _build(TWO_ANALOGIES, definitions, strength=0.6)
     message = str(error.value)
     assert message.startswith("--strength is ambiguous: the workflow has 2 nodes it could set")
-    assert "LoRWeB_LoraSetAddAnalogy 'Set: analogy 1 (high frequency first)' (node 50): strength" in message
+    assert "LoRWeB_LoraSetAddAnalogy 'Set: analogy 1' (node 50): strength" in message
     assert "LoRWeB_LoraSetAddAnalogy 'Set: analogy 2' (node 51): strength" in message
     assert "--set 50.strength=0.6" in message
 

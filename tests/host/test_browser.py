@@ -13,6 +13,7 @@ from comfy_server import make_base, post_json, running_server
 from host_graphs import GOLDEN_FLUX
 from lorweb_testing import GOLDEN_CKPT, GOLDEN_TENSORS, write_safetensors
 from safetensors.torch import load_file
+from template_view import IN_USE_SIZE
 
 CHROMIUM = find_chromium()
 pytestmark = pytest.mark.skipif(
@@ -57,6 +58,7 @@ def mix_prompt(flux_path: str, basis_name: str = "golden.safetensors", strength:
             "inputs": {"model": ["1", 0], "basis": ["2", 0], "analogy": ["3", 0], "strength": strength},
         },
         "5": {"class_type": "PreviewImage", "inputs": {"images": ["4", 2]}},
+        "6": {"class_type": "SaveImage", "inputs": {"images": ["4", 2], "filename_prefix": "lorweb_chart"}},
     }
 
 
@@ -81,7 +83,7 @@ CHART_PLACE = """(() => {
 #: the Apply node's chart caption, drawn or not
 MIX_CAPTION = "window.app.graph.getNodeById(4)?.lorwebMixPanel?.querySelector('.lorweb-mix-caption')"
 #: where the mix prompt's nodes are put in the editor: loaders left, Apply in the middle, the preview right
-NODE_PLACES = {1: [0, 0], 2: [0, 160], 3: [0, 480], 4: [460, 0], 5: [900, 0]}
+NODE_PLACES = {1: [0, 0], 2: [0, 160], 3: [0, 480], 4: [460, 0], 5: [900, 0], 6: [900, 400]}
 
 
 async def run_in_browser(url: str, prompt: dict, profile, screenshot, vue_nodes: bool = False):
@@ -118,6 +120,9 @@ async def run_in_browser(url: str, prompt: dict, profile, screenshot, vue_nodes:
         await asyncio.sleep(1.5)
         await page.screenshot(screenshot)
         place = await page.evaluate(CHART_PLACE % json.dumps(VUE_NODES))
+        place["sizes"] = await page.evaluate(
+            "Object.fromEntries(window.app.graph._nodes.map(n => [n.type, Array.from(n.size)]))"
+        )
         caption = await page.evaluate(f"{MIX_CAPTION}.textContent")
         basis_info = await page.evaluate(
             "({text: document.querySelector('.lorweb-basis-info')?.textContent,"
@@ -150,6 +155,13 @@ def test_mix_chart_appears_after_running_a_prompt(server_with_tiny_flux, tmp_pat
     assert screenshot.stat().st_size > 10_000
     ours = [error for error in errors if "lorweb" in error.lower()]
     assert not ours, ours
+    if not vue:
+        # the in-use sizes the templates are laid out at (tests/template_view.py): nodes created at their smallest
+        # grow to exactly these once the run has shown the chart and the images
+        for node_type in ("LoRWeB_ApplyBasis", "PreviewImage", "SaveImage"):
+            width, height = IN_USE_SIZE[node_type]
+            assert place["sizes"][node_type][1] == height, (node_type, place["sizes"])
+            assert place["sizes"][node_type][0] >= width, (node_type, place["sizes"])
 
 
 def test_file_metadata_is_shown_as_text(server_with_tiny_flux, tmp_path):

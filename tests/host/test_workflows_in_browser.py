@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 
 import pytest
 from browser import find_chromium, open_page
-from comfy_host import PACK_LINK_NAME
+from comfy_host import PACK_LINK_NAME, REPO_ROOT
 from comfy_server import get_json, make_base, post_json, running_server
 from template_view import CANVAS_1_27, READABLE_SCALE, WINDOW, contains, fitted_scale, nodes_bounds, restored_view
 from workflow_testing import WORKFLOWS, load_example, ui_to_api
@@ -17,13 +19,22 @@ CHROMIUM = find_chromium()
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None, reason="no Chromium on this machine: install Debian's 'chromium' (.ci/run does it where it can)"
 )
+#: every Load Image node of the open workflow has loaded its image (the node has taken its in-use size)
+IMAGES_SHOWN = (
+    "window.app.graph._nodes.filter(n => n.type === 'LoadImage')"
+    ".every(n => n.imgs && n.imgs.length && n.imgs.every(i => i.complete && i.naturalWidth > 0))"
+)
 #: top-level keys the editor adds or refreshes on every save
 VOLATILE_KEYS = {"id", "revision", "extra"}
 
 
 @pytest.fixture(scope="module")
 def editor_server(tmp_path_factory):
+    """ComfyUI with the pack's example images installed as the README says, so that every Load Image node of a
+    template shows its image (and takes the size it has in use)."""
     base = make_base(tmp_path_factory.mktemp("editor_base"))
+    install = [sys.executable, str(REPO_ROOT / "scripts" / "example_inputs.py"), "install", "--input-dir"]
+    subprocess.run([*install, str(base / "input")], check=True, capture_output=True)
     with running_server(base) as url:
         post_json(url + "/settings/Comfy.TutorialCompleted", True)  # no first-run dialog over the canvas
         yield url, base
@@ -81,6 +92,7 @@ async def _load_in_editor(url: str, profile) -> tuple[dict, dict, list[str], tup
                 f"fetch({json.dumps(template)}).then(r => r.json())"
                 f".then(w => window.app.loadGraphData(w, true, true, {json.dumps(name)}))"
             )
+            await page.wait_for(IMAGES_SHOWN, timeout=30)
             saved[name] = json.loads(await page.evaluate("JSON.stringify(window.app.graph.serialize())"))
             prompts[name] = json.loads(
                 await page.evaluate("window.app.graphToPrompt().then(p => JSON.stringify(p.output))")
@@ -90,6 +102,8 @@ async def _load_in_editor(url: str, profile) -> tuple[dict, dict, list[str], tup
 
 @pytest.mark.parametrize("name", WORKFLOWS)
 def test_the_editor_saves_the_workflow_unchanged(editor_results, name):
+    """Saved after every Load Image node shows its image: a node saved smaller than the editor draws it in use would
+    come back grown."""
     saved, _, info, _, frontend = editor_results
     original = load_example(name)
     if frontend >= (1, 48):
