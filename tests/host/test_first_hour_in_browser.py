@@ -18,6 +18,7 @@ import pytest
 from browser import find_chromium, open_page
 from comfy_host import PACK_LINK_NAME, REPO_ROOT, comfyui_version
 from comfy_server import get_json, post_json, running_server
+from template_view import GROUP_TITLE, nodes_bounds
 from workflow_testing import FORWARD, INPUT_IMAGES, LORA_FILES, MODEL_FILES, WORKFLOWS, load_example, ui_to_api
 
 CHROMIUM = find_chromium()
@@ -131,13 +132,18 @@ async def _missing_models_text(page) -> tuple[str, str] | None:
 
 
 async def _show_whole_graph(page) -> None:
-    """A viewport and zoom at which the whole template is drawn with its text (not the low-detail mode)."""
-    metrics = {"width": 1900, "height": 1150, "deviceScaleFactor": 1, "mobile": False}
+    """A viewport and zoom at which the whole template, its groups' titles included, is drawn with its text (not the
+    low-detail mode), centred."""
+    width, height, scale = 1900, 1150, 0.74
+    metrics = {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False}
     await page.send("Emulation.setDeviceMetricsOverride", metrics)
     await asyncio.sleep(1.0)
+    x0, y0, x1, y1 = nodes_bounds(load_example(FORWARD))
+    y0 -= GROUP_TITLE + 10  # the groups' title bars above the nodes
+    offset = [width / scale / 2 - (x0 + x1) / 2, height / scale / 2 - (y0 + y1) / 2]
     await page.evaluate(
-        "(() => { const ds = window.app.canvas.ds; ds.scale = 0.74;"
-        " ds.offset = [90 / 0.74 + 480, 70 / 0.74 + 40]; window.app.canvas.setDirty(true, true); })()"
+        f"(() => {{ const ds = window.app.canvas.ds; ds.scale = {scale}; ds.offset = {json.dumps(offset)};"
+        " window.app.canvas.setDirty(true, true); })()"
     )
     await asyncio.sleep(1.5)
 
