@@ -14,8 +14,6 @@ from __future__ import annotations
 #: the window the templates must open readable in (a laptop browser with its bars), and the canvas in it: the whole
 #: window from front end 1.35 on; 1.27 keeps its side bar and menu bar outside the canvas
 WINDOW = (1600, 857)
-#: a browser on a full-HD (1920x1080) screen with its bars and the system's task bar
-FULL_HD_WINDOW = (1920, 900)
 CANVAS_1_27 = (1536, 779)
 #: LiteGraph's node title bar above ``pos`` and a group's title bar (its default font size 24 plus padding)
 NODE_TITLE = 30

@@ -1,13 +1,11 @@
 """The templates open readable: every node inside its group, none on another, also at the sizes nodes take in use,
-and the view the front end opens them at shows node text in a 1600x857 window (one template: a full-HD one). The
-model of that view, ``template_view``, is checked against the real front ends by
-tests/host/test_workflows_in_browser.py."""
+and the view the front end opens them at shows node text in a 1600x857 window. The model of that view,
+``template_view``, is checked against the real front ends by tests/host/test_workflows_in_browser.py."""
 
 from __future__ import annotations
 
 import pytest
 from template_view import (
-    FULL_HD_WINDOW,
     IN_USE_SIZE,
     READABLE_SCALE,
     READABLE_SCALE_ANY,
@@ -38,19 +36,11 @@ def test_every_node_is_saved_as_large_as_it_grows_in_use(name):
     assert not small, small
 
 
-#: The window each template opens readable in, where it is not the laptop's: the two-analogies template holds 30
-#: nodes (five images, two analogies, composition) at their in-use sizes, about 2.3 M square canvas units with the
-#: gaps groups need, which a readable fit of a 1600x857 window (2080 x 1105 at most) cannot hold: there it opens at
-#: 48 % and is readable after one zoom step; on a full-HD screen it opens readable.
-READABLE_IN = {"lorweb_compose_two_analogies_cmlora": FULL_HD_WINDOW}
-
-
 @pytest.mark.parametrize("name", WORKFLOWS)
 def test_current_front_ends_open_the_template_readable(name):
     """Front ends 1.48 and newer fit the view to the nodes when the template browser opens a template."""
-    window = READABLE_IN.get(name, WINDOW)
-    scale = fitted_scale(load_example(name), window)
-    assert scale >= READABLE_SCALE, f"{name} opens at {scale:.0%} in a {window[0]}x{window[1]} window: low detail"
+    scale = fitted_scale(load_example(name))
+    assert scale >= READABLE_SCALE, f"{name} opens at {scale:.0%} in a {WINDOW[0]}x{WINDOW[1]} window: low detail"
 
 
 @pytest.mark.parametrize("name", WORKFLOWS)
