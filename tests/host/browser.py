@@ -107,6 +107,17 @@ class Page:
         FRONTEND_VERSIONS.add(version or "unknown")
         return version_tuple(version)
 
+    async def open_template(self, pack: str, name: str, as_template_browser: bool = False) -> None:
+        """Fetch a pack's template from ComfyUI's template route and load it into the editor under its name.
+        ``as_template_browser``: with ``openSource: 'template'``, as the template browser of front ends 1.48 and
+        newer opens one (fitted to its nodes; older front ends ignore the option)."""
+        route = f"/api/workflow_templates/{pack}/{name}.json"
+        options = ", {openSource: 'template'}" if as_template_browser else ""
+        await self.evaluate(
+            f"fetch({json.dumps(route)}).then(r => r.json())"
+            f".then(w => window.app.loadGraphData(w, true, true, {json.dumps(name)}{options}))"
+        )
+
     async def screenshot(self, path: Path) -> None:
         import base64
 

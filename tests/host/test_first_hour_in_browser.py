@@ -89,12 +89,7 @@ async def _missing_models_dialog(url: str, base: Path, screenshots: bool = True)
     the front end's version)."""
     async with open_page(CHROMIUM, base / f"profile_{screenshots}") as page:
         frontend = await page.open_comfyui(url, "LoRWeB_EncodeAnalogy")
-        template = f"/api/workflow_templates/{PACK_LINK_NAME}/{FORWARD}.json"
-        # openSource: how the template browser of front end 1.58 opens a template (older ones ignore it)
-        await page.evaluate(
-            f"fetch({json.dumps(template)}).then(r => r.json())"
-            f".then(w => window.app.loadGraphData(w, true, true, {json.dumps(FORWARD)}, {{openSource: 'template'}}))"
-        )
+        await page.open_template(PACK_LINK_NAME, FORWARD, as_template_browser=True)
         found = await _missing_models_text(page)
         if found is None:
             return None, list(page.errors), frontend

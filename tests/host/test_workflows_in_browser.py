@@ -65,12 +65,7 @@ async def _open_templates(url: str, base, profile) -> tuple[dict, tuple[int, ...
         await page.send("Emulation.setDeviceMetricsOverride", metrics)
         frontend = await page.open_comfyui(url, "LoRWeB_ApplyBasis")
         for name in WORKFLOWS:
-            template = f"/api/workflow_templates/{PACK_LINK_NAME}/{name}.json"
-            # openSource: as the template browser of front ends 1.48+ opens a template (older ones ignore it)
-            await page.evaluate(
-                f"fetch({json.dumps(template)}).then(r => r.json()).then(w => window.app.loadGraphData("
-                f"w, true, true, {json.dumps(name)}, {{openSource: 'template'}}))"
-            )
+            await page.open_template(PACK_LINK_NAME, name, as_template_browser=True)
             await asyncio.sleep(2.0)  # the camera is set on the next frames
             views[name] = await page.evaluate(
                 "(() => { const c = window.app.canvas; c.ds.computeVisibleArea(c.viewport);"
@@ -87,11 +82,7 @@ async def _load_in_editor(url: str, profile) -> tuple[dict, dict, list[str], tup
         frontend = await page.open_comfyui(url, "LoRWeB_ApplyBasis")
         for name in WORKFLOWS:
             # fetched from the template route, as the template browser does
-            template = f"/api/workflow_templates/{PACK_LINK_NAME}/{name}.json"
-            await page.evaluate(
-                f"fetch({json.dumps(template)}).then(r => r.json())"
-                f".then(w => window.app.loadGraphData(w, true, true, {json.dumps(name)}))"
-            )
+            await page.open_template(PACK_LINK_NAME, name)
             await page.wait_for(IMAGES_SHOWN, timeout=30)
             saved[name] = json.loads(await page.evaluate("JSON.stringify(window.app.graph.serialize())"))
             prompts[name] = json.loads(
